@@ -1,0 +1,85 @@
+"""The worker bootstep: promoter, reaper and cron loops in every worker.
+
+Leaderless: every worker runs the loops; each step is one atomic claim in
+Redis, so running them in many workers at once never does anything twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import bootsteps
+
+logger = logging.getLogger("kickq_celery")
+
+
+def tick(kq: Any) -> None:
+    """One pass of the loops for one Kickq instance."""
+    options = kq.options
+    purge = options["purge_timeout"] if options["purge_jobs"] else 0
+    kq.promote()
+    while True:
+        reaped = kq.store.reap(purge)
+        for ended in reaped:
+            logger.warning("kickq: run of job %s lost its heartbeat -> %s", ended.job_id, ended.verdict)
+            kq.after_run(ended)
+        if len(reaped) < 100:
+            break
+    from .cron import fire_due
+
+    fire_due(kq)
+
+
+class KickqStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Runs :func:`tick` for every Kickq instance of the app, every poll_interval."""
+
+    label = "kickq"
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.app = worker.app
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _scopes(self) -> list[Any]:
+        """One Kickq instance per (Redis, namespace) in use by the app."""
+        from .client import instances
+
+        seen: dict[Any, Any] = {}
+        for kq in instances(self.app):
+            seen.setdefault(kq.scope, kq)
+        return list(seen.values())
+
+    def start(self, worker: Any) -> None:
+        for kq in self._scopes():
+            for name, limit in kq.processed.items():
+                kq.store.set_limit(name, limit)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="kickq-worker-loops", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            scopes = self._scopes()
+            interval = min((kq.options["poll_interval"] for kq in scopes), default=0.5)
+            for kq in scopes:
+                try:
+                    tick(kq)
+                except Exception:  # Redis or broker away: try again next tick
+                    logger.exception("kickq: worker loop failed for %r", kq)
+            self._stop.wait(interval)
+
+    def stop(self, worker: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    shutdown = stop
+
+
+def install(app: Any) -> None:
+    """Add the step to ``app``'s workers (idempotent)."""
+    if KickqStep not in app.steps["worker"]:
+        app.steps["worker"].add(KickqStep)

@@ -1,0 +1,501 @@
+"""Kickq: the configuration facade and the job API (create, process, delete, get, stats, cron)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import redis
+from celery import Celery
+from celery.result import AsyncResult
+from kombu import Exchange, Queue
+
+from . import options as opts
+from .exceptions import (
+    ConfigError,
+    InvalidJobData,
+    InvalidJobOptions,
+    JobDeleted,
+    JobFailed,
+    JobNotFound,
+    KickqError,
+)
+from .keys import Keys
+from .promise import Promise
+from .records import Job, JobRecord
+from .store import Claimed, Ended, JobStore
+
+Handler = Callable[[Job], Any]
+MAX_NAME_LENGTH = 200
+
+_clients: dict[Any, redis.Redis] = {}
+_clients_lock = threading.Lock()
+#: Kickq instances of each Celery app, for the worker bootstep.
+_instances: weakref.WeakKeyDictionary[Celery, list[Kickq]] = weakref.WeakKeyDictionary()
+
+
+def _client_for(setting: Any) -> redis.Redis:
+    """One shared client (connection pool) per Redis setting."""
+    if isinstance(setting, redis.Redis):
+        return setting
+    key = setting if isinstance(setting, str) else json.dumps(setting, sort_keys=True, default=str)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            from redis.backoff import ExponentialBackoff
+            from redis.retry import Retry
+
+            kwargs: dict[str, Any] = {
+                "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), 5),
+                "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+                "socket_connect_timeout": 2,
+                "health_check_interval": 30,
+            }
+            if isinstance(setting, str):
+                client = redis.Redis.from_url(setting, **kwargs)
+            else:
+                client = redis.Redis(**{**kwargs, **setting})
+            _clients[key] = client
+    return client
+
+
+def _redis_url(setting: Any, client: redis.Redis) -> str:
+    if isinstance(setting, str):
+        return setting
+    kw = client.connection_pool.connection_kwargs
+    if "path" in kw:
+        return f"unix://{kw['path']}?db={kw.get('db', 0)}"
+    auth = f":{kw['password']}@" if kw.get("password") else ""
+    return f"redis://{auth}{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+
+
+def _dumps(value: Any, what: str) -> str:
+    try:
+        return json.dumps(value, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidJobData(f"{what} is not JSON-serializable: {exc}") from None
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH:
+        raise InvalidJobOptions(
+            f"a job name must be a non-empty str of at most {MAX_NAME_LENGTH} characters, got {name!r}")
+    return name
+
+
+class Kickq:
+    """kickq for a Celery app: create, process, delete and inspect jobs by name.
+
+    Args:
+        app: the Celery app (default: ``celery.current_app``).
+        **overrides: options for this instance (see ``Kickq.config``).
+    """
+
+    _config: ClassVar[dict[str, Any]] = {}
+    _config_version: ClassVar[int] = 0
+
+    # --- the configuration facade -----------------------------------------
+
+    @classmethod
+    def config(cls, *args: Any, **kwargs: Any) -> None:
+        """Merge options into the global config.
+
+        Forms: ``config(mapping)``, ``config(key=value)``, ``config("key", value)``.
+        Keys may be camelCase (kickq) or snake_case. Raises :class:`ConfigError`
+        (naming the key) and changes nothing when any key or value is bad.
+        """
+        if len(args) == 2 and isinstance(args[0], str):
+            values: dict[str, Any] = {args[0]: args[1]}
+        elif len(args) == 1 and isinstance(args[0], Mapping):
+            values = dict(args[0])
+        elif args:
+            raise ConfigError("Kickq.config takes a mapping, a key and a value, or keywords")
+        else:
+            values = {}
+        values.update(kwargs)
+        validated = opts.validate_options(values)
+        if "job_flags" in validated:
+            merged = {k: dict(v) for k, v in cls._config.get("job_flags", {}).items()}
+            for job, flags in validated["job_flags"].items():
+                merged.setdefault(job, {}).update(flags)
+            validated["job_flags"] = merged
+        cls._config = {**cls._config, **validated}
+        cls._config_version += 1
+
+    @classmethod
+    def reset(cls) -> None:
+        """Back to the original defaults; closes kickq's Redis connections."""
+        cls._config = {}
+        cls._config_version += 1
+        with _clients_lock:
+            for client in _clients.values():
+                client.close()
+                client.connection_pool.disconnect()
+            _clients.clear()
+
+    @classmethod
+    def get_config(cls) -> dict[str, Any]:
+        """A snake_case copy of the global config (defaults included)."""
+        return opts.layer(cls._config)
+
+    # --- instance ----------------------------------------------------------
+
+    def __init__(self, app: Celery | None = None, **overrides: Any) -> None:
+        if app is None:
+            from celery import current_app
+
+            app = current_app._get_current_object()
+        self.app: Celery = app
+        self._overrides = opts.validate_options(overrides)
+        self._options: dict[str, Any] = {}
+        self._options_version = -1
+        self._store: JobStore | None = None
+        self._store_key: Any = None
+        self._queues: dict[str, Queue] = {}
+        self.processed: dict[str, int | None] = {}
+        _instances.setdefault(app, []).append(self)
+        from .bootstep import install
+
+        install(app)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """This instance's resolved options (everything but per-job flags)."""
+        if self._options_version != Kickq._config_version:
+            layered = opts.layer(opts.app_options(self.app), Kickq._config, self._overrides)
+            if layered["redis"] is None:
+                broker = self.app.conf.broker_url or ""
+                is_redis = isinstance(broker, str) and broker.startswith(("redis://", "rediss://"))
+                layered["redis"] = broker if is_redis else "redis://localhost:6379/0"
+            self._options = layered
+            self._options_version = Kickq._config_version
+        return self._options
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.options["redis_namespace"])
+
+    @property
+    def scope(self) -> tuple[str, str]:
+        """(Redis setting, namespace): instances with the same scope share all state."""
+        options = self.options
+        return repr(options["redis"]), options["redis_namespace"]
+
+    @property
+    def store(self) -> JobStore:
+        options = self.options
+        key = self.scope
+        if self._store is None or self._store_key != key:
+            self._store = JobStore(_client_for(options["redis"]), Keys(options["redis_namespace"]))
+            self._store_key = key
+        return self._store
+
+    @property
+    def redis(self) -> redis.Redis:
+        """kickq's Redis client."""
+        return self.store.client
+
+    @property
+    def horizon(self) -> float:
+        """Delays up to this many seconds are Celery countdowns; longer ones wait in Redis.
+
+        Kept under a quarter of the Redis transport's visibility_timeout, so no
+        message waits in a worker long enough to be redelivered.
+        """
+        horizon = float(self.options["delay_horizon"])
+        broker = self.app.conf.broker_url or ""
+        if isinstance(broker, str) and broker.startswith(("redis", "sentinel")):
+            transport = self.app.conf.broker_transport_options or {}
+            horizon = min(horizon, float(transport.get("visibility_timeout", 3600)) / 4)
+        return horizon
+
+    def task_name(self, name: str) -> str:
+        """The Celery task and queue name of job ``name``."""
+        return self.keys.task_name(name)
+
+    def queue(self, name: str) -> Queue:
+        task_name = self.task_name(name)
+        queue = self._queues.get(task_name)
+        if queue is None:
+            queue = Queue(task_name, Exchange(task_name), routing_key=task_name)
+            self._queues[task_name] = queue
+        return queue
+
+    # --- creating ----------------------------------------------------------
+
+    def create(self, name: str, data: Any = None, opts: Mapping[str, Any] | None = None,
+               callback: Callable[[Exception | None, str | None, Promise | None], Any] | None = None,
+               **flags: Any) -> Job | None:
+        """Create a job; returns it (with a ``promise`` when tombstoned).
+
+        With ``callback``, calls ``callback(err, job_id, promise)`` like kickq for
+        Node, and on failure ``callback(exc, None, None)`` instead of raising.
+        """
+        try:
+            job = self._create(name, [data], opts, flags)[0]
+        except KickqError as exc:
+            if callback is None:
+                raise
+            callback(exc, None, None)
+            return None
+        if callback is not None:
+            callback(None, job.id, job.promise)
+        return job
+
+    def create_many(self, name: str, items: Iterable[Any], opts: Mapping[str, Any] | None = None,
+                    **flags: Any) -> list[Job]:
+        """Create one job per item (its data); validates all before writing any."""
+        return self._create(name, list(items), opts, flags)
+
+    def _create(self, name: str, items: Sequence[Any], opts_: Mapping[str, Any] | None,
+                flags: Mapping[str, Any]) -> list[Job]:
+        _check_name(name)
+        given = {**opts.validate_flags(opts_ or {}), **opts.validate_flags(flags)}
+        resolved = self._job_flags(name, given)
+        payloads = [_dumps(item, "job data") for item in items]
+        if not payloads:
+            return []
+        delay = float(resolved["delay"] or 0.0)
+        park = delay > self.horizon
+        ids = [str(uuid.uuid4()) for _ in payloads]
+        tombstone = resolved["tombstone"]
+        if tombstone:
+            self._ensure_result_backend()
+        created = self.store.create(name, json.dumps(resolved), resolved["process_timeout"],
+                                    tombstone, delay, park, list(zip(ids, payloads)))
+        if not park:
+            try:
+                with self.app.producer_or_acquire() as producer:
+                    for job_id in ids:
+                        self._publish(name, job_id, 1, delay, resolved["process_timeout"], producer)
+            except Exception as exc:
+                for job_id in ids:  # nothing half-created: no record without its message
+                    self.store.delete(job_id)
+                if isinstance(exc, KickqError):
+                    raise
+                raise KickqError(f"could not publish to the Celery broker: {exc}") from exc
+        state = "delayed" if delay > 0 else "queued"
+        deadline = created + float(resolved["tombstone_timeout"])
+        return [
+            Job(job_id, name, state,
+                Promise(job_id, name, self.app.AsyncResult(job_id), deadline) if tombstone else None)
+            for job_id in ids
+        ]
+
+    def _job_flags(self, name: str, given: Mapping[str, Any]) -> dict[str, Any]:
+        resolved = opts.resolve_flags(self.options, name, given)
+        interval = resolved["retry_interval"]
+        if callable(interval):
+            # the worker may not have the callable: store its value for each retry
+            try:
+                resolved["retry_interval"] = [
+                    opts.seconds(interval(n)) for n in range(1, resolved["retry_count"] + 1)
+                ] or [0.0]
+            except (TypeError, ValueError) as exc:
+                raise InvalidJobOptions(f"retry_interval callable: {exc}") from None
+        return resolved
+
+    def _publish(self, name: str, job_id: str, attempt: int, countdown: float,
+                 process_timeout: float | None, producer: Any = None) -> None:
+        limits: dict[str, Any] = {}
+        if process_timeout:
+            # prefork pools stop an overrunning run; other pools rely on the reaper
+            limits = {"soft_time_limit": process_timeout, "time_limit": process_timeout + 5}
+        self.app.send_task(
+            self.task_name(name), args=(job_id, attempt), task_id=job_id,
+            queue=self.queue(name), countdown=countdown if countdown > 0 else None,
+            producer=producer, ignore_result=True, **limits)
+
+    def promote(self) -> int:
+        """Publish the parked jobs that came within the horizon; returns how many."""
+        total = 0
+        while True:
+            claims = self.store.promote(self.horizon, lease=30.0)
+            if not claims:
+                return total
+            self._publish_claims(claims)
+            total += len(claims)
+
+    def _publish_claims(self, claims: Sequence[Claimed]) -> None:
+        with self.app.producer_or_acquire() as producer:
+            for claim in claims:
+                self._publish(claim.name, claim.job_id, claim.attempt, claim.countdown,
+                              claim.process_timeout, producer)
+        self.store.unpark(claims)
+
+    # --- processing --------------------------------------------------------
+
+    def process(self, names: str | Sequence[str], options: Any = None, handler: Any = None,
+                **kwargs: Any) -> Any:
+        """Register ``handler`` for job name(s); also usable as a decorator.
+
+        Forms: ``process(names, options, handler)``, ``process(names, handler)``,
+        ``@process(names, max_jobs_num=10)``. ``max_jobs_num`` (kickq
+        ``maxJobsNum``) limits the runs of each name at once across all workers.
+        """
+        if callable(options) and handler is None:
+            options, handler = None, options
+        settings = {**dict(options or {}), **kwargs}
+        limit = None
+        for key, value in settings.items():
+            if key not in ("max_jobs_num", "maxJobsNum"):
+                raise ConfigError(f"unknown process option {key!r}; the only one is 'max_jobs_num'")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"option {key!r}: expected an int >= 1 or None (got {value!r})")
+            limit = value
+        job_names = [names] if isinstance(names, str) else list(names)
+        for name in job_names:
+            _check_name(name)
+            if self.task_name(name) in self.app.tasks:
+                raise ConfigError(f"job {name!r} already has a handler in this app")
+
+        def register(fn: Handler) -> Handler:
+            from .task import register_task
+
+            for name in job_names:
+                if self.task_name(name) in self.app.tasks:
+                    raise ConfigError(f"job {name!r} already has a handler in this app")
+                register_task(self, name, fn)
+                self.processed[name] = limit
+            return fn
+
+        if handler is None:
+            return register
+        return register(handler)
+
+    # --- deleting and inspecting -------------------------------------------
+
+    def delete(self, job_id: str) -> bool:
+        """Delete a job for good; True when it existed.
+
+        A queued or delayed job never runs; a running one is not interrupted but
+        is not retried, and its record goes when the run ends. Waiters get
+        :class:`JobDeleted`.
+        """
+        if not isinstance(job_id, str):
+            return False
+        status, tombstone, final = self.store.delete(job_id)
+        if status and tombstone and not final:
+            self.settle(job_id, JobDeleted(f"job {job_id} was deleted", job_id, "deleted"))
+        return bool(status)
+
+    def get(self, job_id: str) -> JobRecord:
+        """The job's record; raises :class:`JobNotFound`."""
+        record = self.store.get(job_id) if isinstance(job_id, str) else None
+        if record is None:
+            raise JobNotFound(f"no job {job_id!r} in namespace {self.options['redis_namespace']!r}")
+        return record
+
+    def jobs(self, state: str | None = None, name: str | None = None,
+             offset: int = 0, limit: int = 50) -> list[JobRecord]:
+        """Job records by state (all states when None) and name, oldest first, paged."""
+        from .keys import STATES
+
+        states = [state] if state else list(STATES)
+        for each in states:
+            if each not in STATES:
+                raise InvalidJobOptions(f"unknown state {each!r}; one of {', '.join(STATES)}")
+        found: list[JobRecord] = []
+        skip = offset
+        for each in states:
+            start = 0
+            while len(found) < limit:
+                ids = self.store.job_ids(each, start, 200)
+                if not ids:
+                    break
+                start += len(ids)
+                for job_id in ids:
+                    record = self.store.get(job_id)
+                    if record is None or (name and record.name != name):
+                        continue
+                    if skip:
+                        skip -= 1
+                        continue
+                    found.append(record)
+                    if len(found) >= limit:
+                        break
+        return found
+
+    def stats(self, name: str | None = None) -> Any:
+        """Aggregate stats of one job name or of all (see :class:`Stats`)."""
+        from .stats import Stats
+
+        names = [name] if name else self.store.names()
+        return Stats.from_raw(self.store.raw_stats(names))
+
+    # --- cron ----------------------------------------------------------------
+
+    def schedule(self, name: str, cron: str, data: Any = None,
+                 opts: Mapping[str, Any] | None = None, tz: str = "UTC") -> str:
+        """Create job ``name`` at every tick of ``cron``; returns the schedule's key.
+
+        Fired by the workers themselves (no ``celery beat``), once per tick.
+        Scheduling the same definition again returns the same key.
+        """
+        from . import cron as cron_
+
+        return cron_.schedule(self, name, cron, data, opts, tz)
+
+    def unschedule(self, key: str) -> bool:
+        """Remove a schedule; True when it existed."""
+        from . import cron as cron_
+
+        return cron_.unschedule(self, key)
+
+    def schedules(self) -> list[dict[str, Any]]:
+        """Every schedule: key, name, cron, tz, next_run, last_run."""
+        from . import cron as cron_
+
+        return cron_.schedules(self)
+
+    # --- tombstoning -------------------------------------------------------
+
+    def _ensure_result_backend(self) -> None:
+        """Supply a result backend on kickq's Redis when the app has none."""
+        conf = self.app.conf
+        if conf.result_backend:
+            return
+        conf.result_backend = _redis_url(self.options["redis"], self.redis)
+        transport = dict(conf.result_backend_transport_options or {})
+        transport.setdefault("global_keyprefix", self.keys.result_prefix)
+        conf.result_backend_transport_options = transport
+        # forget a DisabledBackend cached before this point
+        self.app._backend_cache = None
+        self.app._local.__dict__.pop("backend", None)
+
+    def settle(self, job_id: str, outcome: Any) -> None:
+        """Store a tombstoned job's final outcome (a value, or a JobFailed) for its waiters."""
+        self._ensure_result_backend()
+        backend = self.app.backend
+        if isinstance(outcome, JobFailed):
+            backend.mark_as_failure(job_id, outcome)
+        else:
+            backend.mark_as_done(job_id, outcome)
+
+    def after_run(self, ended: Ended, result: Any = None) -> None:
+        """Follow-up of a finished or reaped run: settle waiters, hand on due jobs."""
+        if ended.final and ended.tombstone:
+            if ended.verdict == "success":
+                self.settle(ended.job_id, result)
+            else:
+                self.settle(ended.job_id, JobFailed(
+                    f"job {ended.job_id} failed: {ended.last_error}", ended.job_id, ended.last_error))
+        if ended.released or (ended.verdict in ("retry", "ghost") and ended.due_in <= self.horizon):
+            self.promote()
+
+    def async_result(self, job_id: str) -> AsyncResult:
+        self._ensure_result_backend()
+        return self.app.AsyncResult(job_id)
+
+    def __repr__(self) -> str:
+        return f"<Kickq namespace={self.options['redis_namespace']!r} app={self.app.main!r}>"
+
+
+def instances(app: Celery) -> list[Kickq]:
+    """The Kickq instances created for ``app``."""
+    return list(_instances.get(app, []))
+

@@ -1,0 +1,26 @@
+-- Create jobs of one name with the same flags.
+-- ARGV: prefix, name, flags_json, process_timeout ('' = none), tombstone (0/1),
+--       delay_seconds, park (1 = wait in `delayed` for a promoter), then id, data_json pairs.
+-- Returns the creation time.
+local name, flags, ptimeout, tombstone = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local delay, park = tonumber(ARGV[6]), ARGV[7] == '1'
+local t = now()
+local due = t + delay
+local state = 'queued'
+if delay > 0 then state = 'delayed' end
+local n = 0
+for i = 8, #ARGV, 2 do
+  local id = ARGV[i]
+  redis.call('HSET', P .. 'job:' .. id, 'id', id, 'name', name, 'state', state,
+    'data', ARGV[i + 1], 'flags', flags, 'ptimeout', ptimeout, 'tombstone', tombstone,
+    'created_at', t, 'updated_at', t, 'scheduled_for', due, 'started_at', '',
+    'finished_at', '', 'attempt', 1, 'runs', '[]', 'fails', 0, 'ghosts', 0,
+    'deleted', 0, 'complete', 0, 'success', 0, 'total_process_time', 0, 'token', '')
+  redis.call('ZADD', P .. 'idx:' .. state, t, id)
+  if park then redis.call('ZADD', P .. 'delayed', due, id) end
+  n = n + 1
+end
+redis.call('HINCRBY', P .. 'stats:' .. name, state, n)
+redis.call('HINCRBY', P .. 'stats:' .. name, 'created', n)
+redis.call('SADD', P .. 'names', name)
+return tostring(t)

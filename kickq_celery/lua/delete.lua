@@ -1,0 +1,19 @@
+-- Delete a job for good. A running job keeps its record until its run ends.
+-- ARGV: prefix, id
+-- Returns {0} unknown | {1, tombstone, final} deleted | {2, tombstone, 0} marked (running)
+local id = ARGV[2]
+local key = P .. 'job:' .. id
+local f = redis.call('HMGET', key, 'name', 'state', 'deleted', 'tombstone')
+if not f[1] or f[3] == '1' then return {0} end
+local name, state = f[1], f[2]
+local final = (state == 'success' or state == 'fail') and 1 or 0
+if final == 0 then redis.call('HINCRBY', P .. 'stats:' .. name, 'deleted', 1) end
+if state == 'processing' then
+  redis.call('HSET', key, 'deleted', 1)
+  return {2, f[4], 0}
+end
+move(id, name, state, false)
+redis.call('DEL', key)
+redis.call('ZREM', P .. 'delayed', id)
+redis.call('ZREM', P .. 'waiting:' .. name, id)
+return {1, f[4], final}

@@ -1,0 +1,126 @@
+-- Shared helpers, prepended to every script.
+-- ARGV[1] is always the namespace key prefix "{ns}:"; every key is built from it,
+-- so all keys of a namespace share one Redis Cluster slot (the hash tag).
+-- Times come from Redis TIME so that every machine agrees on the clock.
+local P = ARGV[1]
+
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
+local WAITING = {queued = true, delayed = true, retry = true, ghost = true}
+local GAUGE = {queued = true, delayed = true, retry = true, ghost = true, processing = true}
+
+-- Move a job between state indexes and gauges; old or new may be false.
+local function move(id, name, old, new, score)
+  if old then
+    redis.call('ZREM', P .. 'idx:' .. old, id)
+    if GAUGE[old] then redis.call('HINCRBY', P .. 'stats:' .. name, old, -1) end
+  end
+  if new then
+    redis.call('ZADD', P .. 'idx:' .. new, score, id)
+    if GAUGE[new] then redis.call('HINCRBY', P .. 'stats:' .. name, new, 1) end
+  end
+end
+
+-- Keep a bounded sample for the percentiles of the stats.
+local function sample(key, value)
+  redis.call('LPUSH', key, value)
+  redis.call('LTRIM', key, 0, 499)
+end
+
+-- A slot of `name` was freed: park the oldest job waiting for one as due now,
+-- so that this worker (or any promoter, should it die) publishes it.
+local function release(name, t)
+  local key = P .. 'waiting:' .. name
+  local id = redis.call('ZRANGE', key, 0, 0)[1]
+  if id then
+    redis.call('ZREM', key, id)
+    redis.call('ZADD', P .. 'delayed', t, id)
+    return id
+  end
+  return false
+end
+
+-- Count one completion in the per-minute buckets; drop buckets older than an hour.
+local function completed(name, t)
+  local key = P .. 'done:' .. name
+  local minute = math.floor(t / 60)
+  redis.call('HINCRBY', key, minute, 1)
+  if redis.call('HLEN', key) > 61 then
+    for _, m in ipairs(redis.call('HKEYS', key)) do
+      if tonumber(m) < minute - 60 then redis.call('HDEL', key, m) end
+    end
+  end
+end
+
+-- End the current run of job `id` with outcome success | fail | ghost and decide
+-- what follows: a retry or ghost re-run (parked in `delayed`), or the final state.
+-- Returns {verdict, released_id, due_in, tombstone, attempt, last_error}.
+local function end_run(id, outcome, payload, t, purge)
+  local key = P .. 'job:' .. id
+  local f = redis.call('HMGET', key, 'name', 'flags', 'runs', 'started_at', 'fails',
+    'ghosts', 'deleted', 'total_process_time', 'attempt', 'tombstone')
+  local name, flags, runs = f[1], cjson.decode(f[2]), cjson.decode(f[3])
+  local duration = math.max(0, t - tonumber(f[4]))
+  local run = {number = #runs + 1, started_at = tonumber(f[4]), duration = duration, state = outcome}
+  if outcome ~= 'success' then run.error = payload end
+  runs[#runs + 1] = run
+  redis.call('ZREM', P .. 'active', id)
+  redis.call('SREM', P .. 'running:' .. name, id)
+  local released = release(name, t)
+  if f[7] == '1' then
+    -- deleted while running: the record goes now that the run is over
+    move(id, name, 'processing', false)
+    redis.call('DEL', key)
+    return {'deleted', released, '0', f[10], f[9], ''}
+  end
+  sample(P .. 'ptimes:' .. name, duration)
+  local stats = P .. 'stats:' .. name
+  local verdict, due = outcome, nil
+  local fails, ghosts = tonumber(f[5]), tonumber(f[6])
+  if outcome == 'fail' then
+    fails = fails + 1
+    if flags.retry and fails <= flags.retry_count then
+      local interval = flags.retry_interval
+      if type(interval) == 'table' then interval = interval[math.min(fails, #interval)] end
+      verdict, due = 'retry', t + interval
+      redis.call('HINCRBY', stats, 'retried', 1)
+    end
+  elseif outcome == 'ghost' then
+    ghosts = ghosts + 1
+    redis.call('HINCRBY', stats, 'ghosts', 1)
+    if flags.ghost_retry and ghosts <= flags.ghost_times then
+      due = t + flags.ghost_interval
+    else
+      verdict = 'fail'
+    end
+  end
+  local last_error = ''
+  if outcome ~= 'success' then last_error = payload end
+  redis.call('HSET', key, 'runs', cjson.encode(runs), 'updated_at', t, 'fails', fails,
+    'ghosts', ghosts, 'total_process_time', tonumber(f[8]) + duration, 'token', '')
+  if outcome ~= 'success' then redis.call('HSET', key, 'last_error', payload) end
+  if due then
+    local attempt = tonumber(f[9]) + 1
+    redis.call('HSET', key, 'state', verdict, 'scheduled_for', due, 'attempt', attempt)
+    redis.call('ZADD', P .. 'delayed', due, id)
+    move(id, name, 'processing', verdict, t)
+    return {verdict, released, tostring(due - t), f[10], tostring(attempt), last_error}
+  end
+  -- final: success or fail
+  redis.call('HSET', key, 'state', verdict, 'complete', 1, 'finished_at', t,
+    'success', verdict == 'success' and 1 or 0)
+  if outcome == 'success' then redis.call('HSET', key, 'result', payload) end
+  redis.call('HINCRBY', stats, verdict == 'success' and 'succeeded' or 'failed', 1)
+  completed(name, t)
+  local expiry = '+inf'
+  if purge > 0 then
+    redis.call('PEXPIRE', key, math.floor(purge * 1000))
+    expiry = t + purge
+  end
+  move(id, name, 'processing', verdict, expiry)
+  redis.call('ZREMRANGEBYSCORE', P .. 'idx:' .. verdict, '-inf', t)
+  return {verdict, released, '0', f[10], f[9], last_error}
+end

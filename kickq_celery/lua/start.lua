@@ -1,0 +1,33 @@
+-- The run guard: start a run of job `id` if its message is current and a slot is free.
+-- ARGV: prefix, id, attempt (from the message), token, lock_timeout
+-- Returns {'run', data, runs, created_at, started_at} | {'gone'} | {'skip', state} | {'wait'}
+local id = ARGV[2]
+local key = P .. 'job:' .. id
+local f = redis.call('HMGET', key, 'name', 'state', 'attempt', 'deleted', 'ptimeout',
+  'created_at', 'started_at')
+if not f[1] then return {'gone'} end
+-- a message for a deleted, finished, running or superseded attempt is a duplicate
+if f[4] == '1' or f[3] ~= ARGV[3] or not WAITING[f[2]] then return {'skip', f[2]} end
+local name = f[1]
+local t = now()
+local limit = redis.call('HGET', P .. 'limits', name)
+if limit and redis.call('SCARD', P .. 'running:' .. name) >= tonumber(limit) then
+  redis.call('ZADD', P .. 'waiting:' .. name, 'NX', t, id)
+  return {'wait'}
+end
+local deadline = t + tonumber(ARGV[5])
+local cap = ''
+if f[5] ~= '' then
+  cap = t + tonumber(f[5])
+  deadline = math.min(deadline, cap)
+end
+if f[7] == '' then sample(P .. 'wtimes:' .. name, t - tonumber(f[6])) end
+redis.call('HSET', key, 'state', 'processing', 'token', ARGV[4], 'started_at', t,
+  'updated_at', t, 'deadline_cap', cap)
+redis.call('ZADD', P .. 'active', deadline, id)
+redis.call('SADD', P .. 'running:' .. name, id)
+redis.call('ZREM', P .. 'delayed', id)
+redis.call('ZREM', P .. 'waiting:' .. name, id)
+move(id, name, f[2], 'processing', t)
+local d = redis.call('HMGET', key, 'data', 'runs', 'created_at')
+return {'run', d[1], d[2], d[3], tostring(t)}

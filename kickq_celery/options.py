@@ -1,0 +1,223 @@
+"""The option table: names, kickq aliases, defaults, validators and layering.
+
+Options come, highest first, from: flags given to ``create()`` >
+``job_flags[name]`` > ``Kickq(..., **overrides)`` > ``Kickq.config()`` >
+``app.conf.kickq_*`` > the defaults below.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from .exceptions import ConfigError, InvalidJobOptions
+
+_MISSING = object()
+
+
+def _camel(snake: str) -> str:
+    head, *rest = snake.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def seconds(value: Any) -> float:
+    """A duration (number or timedelta) in seconds; raises TypeError/ValueError."""
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError("expected a number of seconds or a timedelta")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("expected a finite number of seconds >= 0")
+    return float(value)
+
+
+def _positive_seconds(value: Any) -> float:
+    result = seconds(value)
+    if result <= 0:
+        raise ValueError("expected a number of seconds > 0")
+    return result
+
+
+def _optional_seconds(value: Any) -> float | None:
+    return None if value is None else seconds(value)
+
+
+def _optional_positive_seconds(value: Any) -> float | None:
+    return None if value is None else _positive_seconds(value)
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError("expected True or False")
+    return value
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError("expected an int")
+    if value < 0:
+        raise ValueError("expected an int >= 0")
+    return value
+
+
+def _interval(value: Any) -> float | list[float] | Callable[[int], Any]:
+    if callable(value) and not isinstance(value, timedelta):
+        return value  # type: ignore[no-any-return]
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError("expected a non-empty list of seconds")
+        return [seconds(item) for item in value]
+    return seconds(value)
+
+
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+def _namespace(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("expected a str")
+    if not _NAMESPACE_RE.match(value):
+        raise ValueError("expected 1-64 characters of letters, digits, '_', '.' or '-'")
+    return value
+
+
+def _redis(value: Any) -> Any:
+    if value is None or isinstance(value, Mapping):
+        return dict(value) if value is not None else None
+    if isinstance(value, str):
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("expected a redis://, rediss:// or unix:// URL")
+        return value
+    import redis
+
+    if isinstance(value, redis.Redis):
+        return value
+    raise TypeError("expected a URL, a redis.Redis client or a dict of connection kwargs")
+
+
+def _job_flags(value: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, Mapping):
+        raise TypeError("expected a mapping of job name to flags")
+    result: dict[str, dict[str, Any]] = {}
+    for name, flags in value.items():
+        if not isinstance(name, str) or not isinstance(flags, Mapping):
+            raise TypeError("expected {job_name: {flag: value}}")
+        try:
+            result[name] = validate_flags(flags)
+        except InvalidJobOptions as exc:
+            raise ValueError(f"job {name!r}: {exc}") from None
+    return result
+
+
+@dataclass(frozen=True)
+class Option:
+    """One row of the option table."""
+
+    name: str
+    default: Any
+    validate: Callable[[Any], Any]
+    per_job: bool = False
+
+    @property
+    def camel(self) -> str:
+        return _camel(self.name)
+
+
+OPTIONS: dict[str, Option] = {
+    option.name: option
+    for option in (
+        Option("redis", None, _redis),
+        Option("redis_namespace", "kickq", _namespace),
+        Option("job_flags", {}, _job_flags),
+        Option("delay", None, _optional_seconds, per_job=True),
+        Option("tombstone", False, _bool, per_job=True),
+        Option("tombstone_timeout", 10.0, _positive_seconds, per_job=True),
+        Option("retry", False, _bool, per_job=True),
+        Option("retry_count", 3, _count, per_job=True),
+        Option("retry_interval", 1800.0, _interval, per_job=True),
+        Option("process_timeout", None, _optional_positive_seconds, per_job=True),
+        Option("ghost_retry", True, _bool, per_job=True),
+        Option("ghost_times", 1, _count, per_job=True),
+        Option("ghost_interval", 1800.0, seconds, per_job=True),
+        Option("purge_jobs", True, _bool),
+        Option("purge_timeout", 86400.0, _positive_seconds),
+        # kickq_celery additions (not in kickq for Node): worker timing.
+        Option("poll_interval", 0.5, _positive_seconds),
+        Option("lock_timeout", 30.0, _positive_seconds),
+        Option("delay_horizon", 5.0, seconds),
+    )
+}
+FLAG_NAMES = tuple(name for name, option in OPTIONS.items() if option.per_job)
+_ALIASES = {option.camel: name for name, option in OPTIONS.items()} | {n: n for n in OPTIONS}
+
+
+def canonical(key: Any, error: type[Exception], allowed: tuple[str, ...] | None = None) -> str:
+    """The snake_case name of ``key`` (camelCase or snake_case), or ``error``."""
+    name = _ALIASES.get(key) if isinstance(key, str) else None
+    if name is None or (allowed is not None and name not in allowed):
+        choices = sorted(
+            {a for a, n in _ALIASES.items() if allowed is None or n in allowed}
+        )
+        close = difflib.get_close_matches(str(key), choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        kind = "flag" if allowed is FLAG_NAMES else "option"
+        raise error(f"unknown {kind} {key!r}{hint}")
+    return name
+
+
+def validate(key: Any, value: Any, error: type[Exception] = ConfigError,
+             allowed: tuple[str, ...] | None = None) -> tuple[str, Any]:
+    """Validate one option; returns ``(snake_name, normalized_value)``."""
+    name = canonical(key, error, allowed)
+    try:
+        return name, OPTIONS[name].validate(value)
+    except (TypeError, ValueError) as exc:
+        raise error(f"option {key!r}: {exc} (got {value!r})") from None
+
+
+def validate_options(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate a mapping of configuration options (raises ConfigError)."""
+    return dict(validate(key, value) for key, value in values.items())
+
+
+def validate_flags(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate a mapping of per-job flags (raises InvalidJobOptions)."""
+    return dict(validate(k, v, InvalidJobOptions, FLAG_NAMES) for k, v in values.items())
+
+
+def app_options(app: Any) -> dict[str, Any]:
+    """Options set on a Celery app as ``kickq_<snake_name>`` settings."""
+    found = {}
+    for name in OPTIONS:
+        value = app.conf.get(f"kickq_{name}", _MISSING)
+        if value is not _MISSING and value is not None:
+            found[name] = value
+    return validate_options(found)
+
+
+def layer(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge option layers, lowest first; ``job_flags`` merge per name and flag."""
+    merged: dict[str, Any] = {name: option.default for name, option in OPTIONS.items()}
+    job_flags: dict[str, dict[str, Any]] = {}
+    for values in layers:
+        for name, value in values.items():
+            if name == "job_flags":
+                for job, flags in value.items():
+                    job_flags.setdefault(job, {}).update(flags)
+            else:
+                merged[name] = value
+    merged["job_flags"] = job_flags
+    return merged
+
+
+def resolve_flags(options: Mapping[str, Any], name: str, flags: Mapping[str, Any]) -> dict[str, Any]:
+    """The flags of one job: create() flags > job_flags[name] > options."""
+    resolved = {flag: options[flag] for flag in FLAG_NAMES}
+    resolved.update(options["job_flags"].get(name, {}))
+    resolved.update(flags)
+    return resolved

@@ -1,0 +1,112 @@
+"""The data classes users get back: Job, JobRecord and Run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .promise import Promise
+
+
+def from_timestamp(value: Any) -> datetime | None:
+    """A timezone-aware UTC datetime from epoch seconds ('' or None -> None)."""
+    if value in (None, ""):
+        return None
+    return datetime.fromtimestamp(float(value), tz=timezone.utc)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of a job: ``state`` is success, fail or ghost."""
+
+    number: int
+    started_at: datetime | None
+    duration: float
+    state: str
+    error: str | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Run:
+        return cls(int(raw["number"]), from_timestamp(raw["started_at"]),
+                   float(raw["duration"]), raw["state"], raw.get("error"))
+
+
+@dataclass
+class Job:
+    """A job: what ``create()`` returns, and what a handler receives.
+
+    ``create()`` fills ``id``, ``name``, ``state`` and ``promise`` (tombstoned
+    jobs only); a handler's job also has ``data``, ``run`` (1 for the first
+    run), ``runs`` (the earlier runs) and ``created_at``.
+    """
+
+    id: str
+    name: str
+    state: str = "queued"
+    promise: Promise | None = None
+    data: Any = None
+    run: int = 0
+    runs: tuple[Run, ...] = ()
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job record as kept in Redis (see ``Kickq.get``)."""
+
+    id: str
+    name: str
+    state: str
+    data: Any
+    flags: dict[str, Any]
+    created_at: datetime | None
+    updated_at: datetime | None
+    scheduled_for: datetime | None
+    finished_at: datetime | None
+    complete: bool
+    success: bool
+    result: Any
+    last_error: str | None
+    total_process_time: float
+    runs: list[Run] = field(default_factory=list)
+
+    @classmethod
+    def from_hash(cls, raw: dict[str, str]) -> JobRecord:
+        result = raw.get("result", "")
+        return cls(
+            id=raw["id"],
+            name=raw["name"],
+            state=raw["state"],
+            data=json.loads(raw["data"]),
+            flags=json.loads(raw["flags"]),
+            created_at=from_timestamp(raw.get("created_at")),
+            updated_at=from_timestamp(raw.get("updated_at")),
+            scheduled_for=from_timestamp(raw.get("scheduled_for")),
+            finished_at=from_timestamp(raw.get("finished_at")),
+            complete=raw.get("complete") == "1",
+            success=raw.get("success") == "1",
+            result=json.loads(result) if result else None,
+            last_error=raw.get("last_error") or None,
+            total_process_time=float(raw.get("total_process_time") or 0),
+            runs=[Run.from_dict(run) for run in json.loads(raw.get("runs") or "[]")],
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable copy (timestamps as ISO 8601)."""
+        def iso(value: datetime | None) -> str | None:
+            return value.isoformat() if value else None
+
+        return {
+            "id": self.id, "name": self.name, "state": self.state, "data": self.data,
+            "flags": self.flags, "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at), "scheduled_for": iso(self.scheduled_for),
+            "finished_at": iso(self.finished_at), "complete": self.complete,
+            "success": self.success, "result": self.result, "last_error": self.last_error,
+            "total_process_time": self.total_process_time,
+            "runs": [{"number": r.number, "started_at": iso(r.started_at),
+                      "duration": r.duration, "state": r.state, "error": r.error}
+                     for r in self.runs],
+        }

@@ -1,0 +1,138 @@
+"""KickqTask: the Celery task of a job name, with the run guard and the heartbeat.
+
+A Celery message only wakes a job up; the record in Redis decides. Each
+message carries ``(job_id, attempt)``, and the "start run" script runs the
+handler only when the record exists, is waiting, is at that attempt and a
+``max_jobs_num`` slot is free. Duplicates (redelivery, visibility timeout,
+a re-published parked job) are dropped there, so the handler runs once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
+
+from .records import Job, from_timestamp
+
+if TYPE_CHECKING:
+    from .client import Handler, Kickq
+    from .store import JobStore
+
+logger = logging.getLogger("kickq_celery")
+
+
+class KickqTask(Task):  # type: ignore[misc]
+    """Base class of the task registered for each processed job name."""
+
+    ignore_result = True  # the outcome is stored only when final, for tombstones
+    kickq: Kickq
+    job_name: str
+    handler: Handler
+
+    def run_job(self, job_id: str, attempt: int = 1) -> None:
+        kq = self.kickq
+        store = kq.store
+        options = kq.options
+        token = uuid.uuid4().hex
+        started = store.start_run(job_id, int(attempt), token, options["lock_timeout"])
+        if started.status != "run":
+            logger.debug("kickq: %s %s not run (%s)", self.job_name, job_id, started.status)
+            return
+        job = Job(job_id, self.job_name, "processing", None, started.data,
+                  len(started.runs) + 1, started.runs, from_timestamp(started.created_at))
+        heartbeat.hold(store, options["lock_timeout"], job_id, token)
+        try:
+            outcome, payload, result = self._call_handler(job)
+            ended = store.finish_run(job_id, token, outcome, payload,
+                                     options["purge_timeout"] if options["purge_jobs"] else 0)
+        finally:
+            heartbeat.release(job_id)
+        kq.after_run(ended, result)
+
+    def _call_handler(self, job: Job) -> tuple[str, str, Any]:
+        try:
+            result = self.handler(job)
+            return "success", json.dumps(result, allow_nan=False), result
+        except SoftTimeLimitExceeded:
+            return "ghost", "process_timeout passed: the run was stopped", None
+        except Exception as exc:  # any failure of the handler is a failed run
+            logger.info("kickq: %s %s run %d failed: %r", job.name, job.id, job.run, exc)
+            return "fail", f"{type(exc).__name__}: {exc}", None
+
+
+def register_task(kq: Kickq, name: str, handler: Handler) -> KickqTask:
+    """Register the Celery task (and its queue) of job ``name``."""
+    task_name = kq.task_name(name)
+
+    def run(self: KickqTask, job_id: str, attempt: int = 1) -> None:
+        self.run_job(job_id, attempt)
+
+    run.__doc__ = handler.__doc__
+    task: KickqTask = kq.app.task(
+        name=task_name, base=KickqTask, bind=True, shared=False, kickq=kq,
+        job_name=name, handler=staticmethod(handler), queue=task_name)(run)
+    queues = kq.app.amqp.queues
+    queue = kq.queue(name)
+    # consumed by `celery worker` with no -Q; with -Q, only when selected
+    if queues._consume_from is None:
+        queues.select_add(queue)
+    else:
+        queues.add(queue)
+    return task
+
+
+class Heartbeat:
+    """Renews the heartbeat locks of the runs this process holds.
+
+    One daemon thread per process (re-created after a fork), so prefork,
+    threads and solo pools all keep their locks alive while a handler runs.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict[str, tuple[JobStore, float, str]] = {}
+        self._pid = 0
+        self._wake = threading.Event()
+
+    def hold(self, store: JobStore, lock_timeout: float, job_id: str, token: str) -> None:
+        with self._lock:
+            self._runs[job_id] = (store, lock_timeout, token)
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._wake = threading.Event()
+                threading.Thread(target=self._loop, name="kickq-heartbeat", daemon=True).start()
+
+    def release(self, job_id: str) -> None:
+        with self._lock:
+            self._runs.pop(job_id, None)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                runs = dict(self._runs)
+            interval = min((timeout for _, timeout, _ in runs.values()), default=3.0) / 3
+            groups: dict[tuple[int, float], list[tuple[str, str]]] = {}
+            stores: dict[int, JobStore] = {}
+            for job_id, (store, timeout, token) in runs.items():
+                groups.setdefault((id(store), timeout), []).append((job_id, token))
+                stores[id(store)] = store
+            for (store_id, timeout), held in groups.items():
+                try:
+                    lost = stores[store_id].heartbeat(timeout, held)
+                    if lost:
+                        logger.warning("kickq: lost the run of %s (reaped or deleted)", lost)
+                except Exception:  # keep beating; the reaper decides if we are too late
+                    logger.exception("kickq: heartbeat failed")
+            self._wake.wait(max(interval, 0.05))
+            time.sleep(0)
+
+
+heartbeat = Heartbeat()
