@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import redis
 from celery import Celery
 from celery.result import AsyncResult
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
 from . import options as opts
 from .exceptions import (
@@ -221,7 +221,7 @@ class Kickq:
         task_name = self.task_name(name)
         queue = self._queues.get(task_name)
         if queue is None:
-            queue = Queue(task_name, Exchange(task_name), routing_key=task_name)
+            queue = Queue(task_name, Exchange(task_name), routing_key=task_name)  # type: ignore[no-untyped-call]
             self._queues[task_name] = queue
         return queue
 
@@ -266,7 +266,7 @@ class Kickq:
         if tombstone:
             self._ensure_result_backend()
         created = self.store.create(name, json.dumps(resolved), resolved["process_timeout"],
-                                    tombstone, delay, park, list(zip(ids, payloads)))
+                                    tombstone, delay, park, list(zip(ids, payloads, strict=True)))
         if not park:
             try:
                 with self.app.producer_or_acquire() as producer:

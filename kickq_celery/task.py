@@ -78,7 +78,7 @@ def register_task(kq: Kickq, name: str, handler: Handler) -> KickqTask:
     run.__doc__ = handler.__doc__
     task: KickqTask = kq.app.task(
         name=task_name, base=KickqTask, bind=True, shared=False, kickq=kq,
-        job_name=name, handler=staticmethod(handler), queue=task_name)(run)
+        job_name=name, handler=staticmethod(handler))(run)
     queues = kq.app.amqp.queues
     queue = kq.queue(name)
     # consumed by `celery worker` with no -Q; with -Q, only when selected
@@ -128,7 +128,7 @@ class Heartbeat:
                 try:
                     lost = stores[store_id].heartbeat(timeout, held)
                     if lost:
-                        logger.warning("kickq: lost the run of %s (reaped or deleted)", lost)
+                        logger.debug("kickq: no longer holding %s (finished, reaped or deleted)", lost)
                 except Exception:  # keep beating; the reaper decides if we are too late
                     logger.exception("kickq: heartbeat failed")
             self._wake.wait(max(interval, 0.05))

