@@ -76,7 +76,7 @@ class KickqStep(bootsteps.StartStopStep):  # type: ignore[misc]
         if self._thread is not None:
             self._thread.join(timeout=10)
 
-    shutdown = stop
+    terminate = stop
 
 
 def install(app: Any) -> None:

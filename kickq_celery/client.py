@@ -63,14 +63,14 @@ def _client_for(setting: Any) -> redis.Redis:
     return client
 
 
-def _redis_url(setting: Any, client: redis.Redis) -> str:
-    if isinstance(setting, str):
-        return setting
+def _backend_url(client: redis.Redis) -> str:
+    """A Celery result-backend URL for the server ``client`` talks to."""
     kw = client.connection_pool.connection_kwargs
     if "path" in kw:
-        return f"unix://{kw['path']}?db={kw.get('db', 0)}"
-    auth = f":{kw['password']}@" if kw.get("password") else ""
-    return f"redis://{auth}{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+        return f"redis+socket://{kw['path']}"
+    scheme = "rediss" if client.connection_pool.connection_class is redis.SSLConnection else "redis"
+    auth = f"{kw.get('username') or ''}:{kw['password']}@" if kw.get("password") else ""
+    return f"{scheme}://{auth}{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
 
 
 def _dumps(value: Any, what: str) -> str:
@@ -459,7 +459,7 @@ class Kickq:
         conf = self.app.conf
         if conf.result_backend:
             return
-        conf.result_backend = _redis_url(self.options["redis"], self.redis)
+        conf.result_backend = _backend_url(self.redis)
         transport = dict(conf.result_backend_transport_options or {})
         transport.setdefault("global_keyprefix", self.keys.result_prefix)
         conf.result_backend_transport_options = transport
