@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 import redis
 from celery import Celery
+from celery.backends.base import DisabledBackend
 from celery.result import AsyncResult
 from kombu.entity import Exchange, Queue
 
@@ -26,8 +27,9 @@ from .exceptions import (
 )
 from .keys import Keys
 from .promise import Promise
+from .publisher import Message, Publisher, redis_broker_url
 from .records import Job, JobRecord
-from .store import Claimed, Ended, JobStore
+from .store import Claimed, Ended, JobStore, redis_errors
 
 Handler = Callable[[Job], Any]
 MAX_NAME_LENGTH = 200
@@ -61,6 +63,14 @@ def _client_for(setting: Any) -> redis.Redis:
                 client = redis.Redis(**{**kwargs, **setting})
             _clients[key] = client
     return client
+
+
+def _same_server(a: redis.Redis, b: redis.Redis) -> bool:
+    """Whether two clients talk to the same Redis server and database."""
+    if a is b:
+        return True
+    ka, kb = a.connection_pool.connection_kwargs, b.connection_pool.connection_kwargs
+    return all(ka.get(k) == kb.get(k) for k in ("host", "port", "path", "db"))
 
 
 def _backend_url(client: redis.Redis) -> str:
@@ -156,6 +166,7 @@ class Kickq:
         self._store: JobStore | None = None
         self._store_key: Any = None
         self._queues: dict[str, Queue] = {}
+        self._publisher: Publisher | None = None
         self.processed: dict[str, int | None] = {}
         _instances.setdefault(app, []).append(self)
         from .bootstep import install
@@ -265,19 +276,30 @@ class Kickq:
         tombstone = resolved["tombstone"]
         if tombstone:
             self._ensure_result_backend()
-        created = self.store.create(name, json.dumps(resolved), resolved["process_timeout"],
-                                    tombstone, delay, park, list(zip(ids, payloads, strict=True)))
-        if not park:
-            try:
-                with self.app.producer_or_acquire() as producer:
-                    for job_id in ids:
-                        self._publish(name, job_id, 1, delay, resolved["process_timeout"], producer)
-            except Exception as exc:
-                for job_id in ids:  # nothing half-created: no record without its message
-                    self.store.delete(job_id)
-                if isinstance(exc, KickqError):
-                    raise
-                raise KickqError(f"could not publish to the Celery broker: {exc}") from exc
+        jobs = list(zip(ids, payloads, strict=True))
+        args = (name, json.dumps(resolved), resolved["process_timeout"], tombstone, delay, park, jobs)
+        messages = [Message(job_id, 1, delay) for job_id in ids]
+        publisher = self.publisher
+        if not park and publisher.broker is not None and _same_server(publisher.broker, self.redis):
+            # records and messages in one MULTI: neither exists without the other
+            with redis_errors(self.redis):
+                pipe = self.redis.pipeline(transaction=True)
+                self.store.create(*args, client=pipe)
+                publisher.push(pipe, self.queue(name), self.task_name(name),
+                               resolved["process_timeout"], messages)
+                created = float(pipe.execute()[0])
+        else:
+            created = self.store.create(*args)
+            if not park:
+                try:
+                    publisher.publish(self.queue(name), self.task_name(name),
+                                      resolved["process_timeout"], messages)
+                except Exception as exc:
+                    for job_id in ids:  # no record without its message
+                        self.store.delete(job_id)
+                    if isinstance(exc, KickqError):
+                        raise
+                    raise KickqError(f"could not publish to the Celery broker: {exc}") from exc
         state = "delayed" if delay > 0 else "queued"
         deadline = created + float(resolved["tombstone_timeout"])
         return [
@@ -299,16 +321,19 @@ class Kickq:
                 raise InvalidJobOptions(f"retry_interval callable: {exc}") from None
         return resolved
 
+    @property
+    def publisher(self) -> Publisher:
+        """Publishes this app's job messages (directly on a Redis broker)."""
+        if self._publisher is None:
+            url = redis_broker_url(self.app)
+            self._publisher = Publisher(self.app, _client_for(url) if url else None)
+        return self._publisher
+
     def _publish(self, name: str, job_id: str, attempt: int, countdown: float,
-                 process_timeout: float | None, producer: Any = None) -> None:
-        limits: dict[str, Any] = {}
-        if process_timeout:
-            # prefork pools stop an overrunning run; other pools rely on the reaper
-            limits = {"soft_time_limit": process_timeout, "time_limit": process_timeout + 5}
-        self.app.send_task(
-            self.task_name(name), args=(job_id, attempt), task_id=job_id,
-            queue=self.queue(name), countdown=countdown if countdown > 0 else None,
-            producer=producer, ignore_result=True, **limits)
+                 process_timeout: float | None) -> None:
+        """Publish one message for a job (a duplicate is harmless: the run guard drops it)."""
+        self.publisher.publish(self.queue(name), self.task_name(name), process_timeout,
+                               [Message(job_id, attempt, countdown)])
 
     def promote(self) -> int:
         """Publish the parked jobs that came within the horizon; returns how many."""
@@ -321,10 +346,12 @@ class Kickq:
             total += len(claims)
 
     def _publish_claims(self, claims: Sequence[Claimed]) -> None:
-        with self.app.producer_or_acquire() as producer:
-            for claim in claims:
-                self._publish(claim.name, claim.job_id, claim.attempt, claim.countdown,
-                              claim.process_timeout, producer)
+        groups: dict[tuple[str, float | None], list[Message]] = {}
+        for claim in claims:
+            groups.setdefault((claim.name, claim.process_timeout), []).append(
+                Message(claim.job_id, claim.attempt, claim.countdown))
+        for (name, process_timeout), messages in groups.items():
+            self.publisher.publish(self.queue(name), self.task_name(name), process_timeout, messages)
         self.store.unpark(claims)
 
     # --- processing --------------------------------------------------------
@@ -347,9 +374,10 @@ class Kickq:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"option {key!r}: expected an int >= 1 or None (got {value!r})")
             limit = value
-        job_names = [names] if isinstance(names, str) else list(names)
+        # anything but a list of names is one name (a bad one fails the name check)
+        given = list(names) if isinstance(names, (list, tuple, set, frozenset)) else [names]
+        job_names = [_check_name(name) for name in given]
         for name in job_names:
-            _check_name(name)
             if self.task_name(name) in self.app.tasks:
                 raise ConfigError(f"job {name!r} already has a handler in this app")
 
@@ -458,6 +486,10 @@ class Kickq:
         """Supply a result backend on kickq's Redis when the app has none."""
         conf = self.app.conf
         if conf.result_backend:
+            # Celery caches the backend per thread: a thread (a threads-pool worker, say)
+            # that looked before the backend was supplied still holds a DisabledBackend
+            if isinstance(getattr(self.app._local, "backend", None), DisabledBackend):
+                del self.app._local.backend
             return
         conf.result_backend = _backend_url(self.redis)
         transport = dict(conf.result_backend_transport_options or {})

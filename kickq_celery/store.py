@@ -109,19 +109,23 @@ class JobStore:
         self.keys = keys
         self._scripts = {name: client.register_script(src) for name, src in _SOURCES.items()}
 
-    def _call(self, script: str, *args: Any) -> Any:
+    def _call(self, script: str, *args: Any, client: Any = None) -> Any:
         with redis_errors(self.client):
-            return self._scripts[script](args=[self.keys.prefix, *args])
+            return self._scripts[script](args=[self.keys.prefix, *args], client=client)
 
     # --- transitions -------------------------------------------------------
 
     def create(self, name: str, flags_json: str, process_timeout: float | None,
                tombstone: bool, delay: float, park: bool,
-               jobs: Sequence[tuple[str, str]]) -> float:
-        """Write job records; returns the creation time (Redis clock)."""
+               jobs: Sequence[tuple[str, str]], client: Any = None) -> Any:
+        """Write job records; returns the creation time (Redis clock).
+
+        With ``client`` a pipeline, the call is queued there and returns the pipeline.
+        """
         pairs = [item for job in jobs for item in job]
-        return float(self._call("create", name, flags_json, _opt(process_timeout),
-                                int(tombstone), delay, int(park), *pairs))
+        reply = self._call("create", name, flags_json, _opt(process_timeout),
+                           int(tombstone), delay, int(park), *pairs, client=client)
+        return reply if client is not None else float(reply)
 
     def start_run(self, job_id: str, attempt: int, token: str, lock_timeout: float) -> Started:
         reply = self._call("start", job_id, attempt, token, lock_timeout)
@@ -214,7 +218,9 @@ class JobStore:
                 "counters": {_text(k): int(v) for k, v in counters.items()},
                 "process_times": [float(x) for x in ptimes],
                 "wait_times": [float(x) for x in wtimes],
-                "completions": {int(k): int(v) for k, v in done.items()},
+                # minute buckets; "s<second>" fields are the per-second buckets
+                "completions": {int(k): int(v) for k, v in done.items() if not _text(k).startswith("s")},
+                "recent": {int(_text(k)[1:]): int(v) for k, v in done.items() if _text(k).startswith("s")},
                 "now": now,
             }
         return result

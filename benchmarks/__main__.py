@@ -1,0 +1,245 @@
+"""Run every benchmark: kickq_celery and raw Celery, same Redis, same worker settings.
+
+Usage: python -m benchmarks [--quick] [--json PATH]
+
+Prints a table of both figures and their ratio, and writes the results as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _purge(client: redis.Redis, namespace: str) -> None:
+    for pattern in ("{" + namespace + "}:*", f"{namespace}*", f"_kombu.binding.{namespace}*",
+                    f"{{{namespace}}}:result:*", "celery-task-meta-*"):
+        keys = list(client.scan_iter(match=pattern.replace("{", "\\{").replace("}", "\\}")
+                                     if pattern.startswith("{") else pattern, count=5000))
+        for i in range(0, len(keys), 5000):
+            client.delete(*keys[i:i + 5000])
+
+
+@contextmanager
+def celery_worker(env: dict[str, str], concurrency: int = 2, queues: str | None = None) -> Iterator[psutil.Process]:
+    """A prefork `celery worker` for benchmarks/benchapp.py; yields its main process."""
+    cmd = [sys.executable, "-m", "celery", "-A", "benchmarks.benchapp", "worker", "--loglevel",
+           "WARNING", "--pool", "prefork", "--concurrency", str(concurrency), "--without-mingle",
+           "--without-gossip", "--without-heartbeat"]
+    if queues:
+        cmd += ["-Q", queues]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        main = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 60
+        while len(main.children()) < concurrency:  # pool children forked: ready enough
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"worker did not start: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.1)
+        time.sleep(1.0)  # let it connect and start consuming
+        yield main
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+def rss_mb(process: psutil.Process) -> float:
+    """Resident memory of a worker: its main process and pool children."""
+    total = process.memory_info().rss
+    for child in process.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 2**20
+
+
+def wait_counter(client: redis.Redis, key: str, target: int, timeout: float) -> float:
+    start = time.monotonic()
+    while int(client.get(key) or 0) < target:
+        if time.monotonic() - start > timeout:
+            raise RuntimeError(f"only {int(client.get(key) or 0)} of {target} ran in {timeout}s")
+        time.sleep(0.02)
+    return time.monotonic()
+
+
+def rate(n: int, fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return n / (time.perf_counter() - start)
+
+
+def bench_create(n: int) -> dict[str, float]:
+    from benchmarks.benchapp import kq, raw_noop
+
+    raw = rate(n, lambda: [raw_noop.apply_async((i,)) for i in range(n)])
+    kick = rate(n, lambda: [kq.create("noop", i) for i in range(n)])
+    return {"raw": raw, "kickq": kick}
+
+
+def bench_create_many(n: int) -> dict[str, float]:
+    from benchmarks.benchapp import app, kq, raw_noop
+
+    def raw_batch() -> None:
+        with app.producer_or_acquire() as producer, producer.batch():
+            for i in range(n):
+                raw_noop.apply_async((i,), producer=producer)
+
+    raw = rate(n, raw_batch)
+    kick = rate(n, lambda: kq.create_many("noop", range(n)))
+    return {"raw": raw, "kickq": kick}
+
+
+def bench_processing(n: int, env: dict[str, str], client: redis.Redis) -> dict[str, float]:
+    from benchmarks.benchapp import COUNTER, RAW_QUEUE, app, kq, raw_noop
+
+    results = {}
+    for side in ("raw", "kickq"):
+        client.delete(COUNTER)
+        if side == "raw":
+            with app.producer_or_acquire() as producer, producer.batch():
+                for i in range(n):
+                    raw_noop.apply_async((i,), producer=producer)
+            queues = RAW_QUEUE
+        else:
+            kq.create_many("noop", range(n))
+            queues = kq.task_name("noop")
+        with celery_worker(env, concurrency=2, queues=queues):
+            start = time.monotonic()
+            end = wait_counter(client, COUNTER, n, timeout=600)
+        results[side] = n / (end - start)
+    return results
+
+
+def bench_tombstone(n: int, env: dict[str, str]) -> dict[str, float]:
+    from benchmarks.benchapp import RAW_QUEUE, kq, raw_noop
+
+    raw: list[float] = []
+    kick: list[float] = []
+    with celery_worker(env, concurrency=2, queues=f"{RAW_QUEUE},{kq.task_name('noop')}"):
+        raw_noop.delay(0).get(timeout=30)  # warm up both paths
+        kq.create("noop", 0, tombstone=True, tombstone_timeout=30).promise.wait()
+        for i in range(n):
+            t = time.perf_counter()
+            raw_noop.delay(i).get(timeout=30)
+            raw.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            kq.create("noop", i, tombstone=True, tombstone_timeout=30).promise.wait()
+            kick.append(time.perf_counter() - t)
+
+    def pct(samples: list[float], p: float) -> float:
+        return statistics.quantiles(samples, n=100)[int(p) - 1] * 1000
+
+    return {"raw_p50_ms": pct(raw, 50), "kickq_p50_ms": pct(kick, 50),
+            "raw_p99_ms": pct(raw, 99), "kickq_p99_ms": pct(kick, 99)}
+
+
+def bench_memory(n: int, env: dict[str, str], client: redis.Redis) -> dict[str, float]:
+    from benchmarks.benchapp import RAW_QUEUE, app, kq, raw_noop
+
+    results = {}
+    for side in ("raw", "kickq"):
+        queues = RAW_QUEUE if side == "raw" else kq.task_name("noop")
+        with celery_worker(env, concurrency=2, queues=queues) as worker:
+            before = rss_mb(worker)
+            if side == "raw":
+                with app.producer_or_acquire() as producer, producer.batch():
+                    for i in range(n):
+                        raw_noop.apply_async((i,), countdown=3600, producer=producer)
+                deadline = time.monotonic() + 600
+                while client.llen(RAW_QUEUE) and time.monotonic() < deadline:
+                    time.sleep(0.5)  # the worker reserves every countdown task in memory
+            else:
+                for start in range(0, n, 10000):
+                    kq.create_many("noop", range(start, min(n, start + 10000)), delay=3600)
+            time.sleep(5)  # several promoter passes over the parked jobs
+            results[side] = rss_mb(worker) - before
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = [
+        ("create (jobs/s)", results["create"]["raw"], results["create"]["kickq"], "apply_async"),
+        ("create_many (jobs/s)", results["create_many"]["raw"], results["create_many"]["kickq"],
+         "apply_async in producer.batch()"),
+        ("processing (jobs/s)", results["processing"]["raw"], results["processing"]["kickq"],
+         "prefork -c 2, no-op"),
+        ("tombstone p50 (ms)", results["tombstone"]["raw_p50_ms"], results["tombstone"]["kickq_p50_ms"],
+         "delay().get()"),
+        ("tombstone p99 (ms)", results["tombstone"]["raw_p99_ms"], results["tombstone"]["kickq_p99_ms"],
+         "delay().get()"),
+        (f"worker RSS growth, {results['counts']['memory']:,} delayed 1 h (MB)",
+         results["memory"]["raw"], results["memory"]["kickq"], "countdown=3600"),
+    ]
+    lines = ["| benchmark | raw Celery | kickq_celery | kickq / Celery | Celery side |",
+             "|---|---:|---:|---:|---|"]
+    for label, raw, kick, what in rows:
+        ratio = kick / raw if raw else float("nan")
+        lines.append(f"| {label} | {raw:,.1f} | {kick:,.1f} | {ratio:.2f}x | {what} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
+    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"))
+    args = parser.parse_args()
+    counts = ({"create": 500, "create_many": 2000, "processing": 1000, "tombstone": 50, "memory": 5000}
+              if args.quick else
+              {"create": 3000, "create_many": 20000, "processing": 10000, "tombstone": 300,
+               "memory": 100000})
+    namespace = f"kqbench{os.getpid()}"
+    os.environ["KICKQ_BENCH_NS"] = namespace
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    from benchmarks.benchapp import REDIS_URL
+
+    client = redis.Redis.from_url(REDIS_URL)
+    client.ping()
+    results: dict[str, Any] = {"counts": counts, "python": sys.version.split()[0],
+                               "cpus": os.cpu_count()}
+    try:
+        for name, run in (
+            ("create", lambda: bench_create(counts["create"])),
+            ("create_many", lambda: bench_create_many(counts["create_many"])),
+            ("processing", lambda: bench_processing(counts["processing"], env, client)),
+            ("tombstone", lambda: bench_tombstone(counts["tombstone"], env)),
+            ("memory", lambda: bench_memory(counts["memory"], env, client)),
+        ):
+            _purge(client, namespace)
+            print(f"running {name} ...", flush=True)
+            results[name] = run()
+            print(f"  {results[name]}", flush=True)
+    finally:
+        _purge(client, namespace)
+    import celery
+
+    results["celery"] = celery.__version__
+    print()
+    print(table(results))
+    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nresults written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()

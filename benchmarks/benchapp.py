@@ -1,0 +1,36 @@
+"""The Celery app of the benchmark workers: a raw Celery no-op task and a kickq no-op job.
+
+Both count their runs in Redis (one INCR each), so both sides do the same work.
+"""
+
+from __future__ import annotations
+
+import os
+
+import redis
+from celery import Celery
+
+from kickq_celery import Kickq
+
+REDIS_URL = os.environ.get("KICKQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+NAMESPACE = os.environ.get("KICKQ_BENCH_NS", "kqbench")
+RAW_QUEUE = f"{NAMESPACE}-raw"
+COUNTER = f"{NAMESPACE}-counter"
+
+app = Celery("benchapp", broker=REDIS_URL, backend=REDIS_URL)
+app.conf.update(task_default_queue=RAW_QUEUE, worker_prefetch_multiplier=4,
+                broker_connection_retry_on_startup=True, result_expires=600)
+kq = Kickq(app, redis=REDIS_URL, redis_namespace=NAMESPACE, purge_timeout=600)
+counter = redis.Redis.from_url(REDIS_URL)
+
+
+@app.task(name="bench.raw_noop")
+def raw_noop(value: object = None) -> object:
+    counter.incr(COUNTER)
+    return value
+
+
+@kq.process("noop")
+def noop(job: object) -> object:
+    counter.incr(COUNTER)
+    return getattr(job, "data", None)
