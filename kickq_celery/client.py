@@ -339,7 +339,8 @@ class Kickq:
         """Publish the parked jobs that came within the horizon; returns how many."""
         total = 0
         while True:
-            claims = self.store.promote(self.horizon, lease=30.0)
+            # the lease must outlast the horizon, or another promoter re-claims the job meanwhile
+            claims = self.store.promote(self.horizon, lease=self.horizon + 30.0)
             if not claims:
                 return total
             self._publish_claims(claims)

@@ -48,3 +48,18 @@ def sleep(job):
         r.decr(PREFIX + "running")
     r.rpush(PREFIX + "runs", job.id)
     return job.data
+
+
+@kq.process("stoppable")
+def stoppable(job):
+    """Sleep ``job.data`` seconds; record in ``stopped`` when the soft time limit stops it."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    r.rpush(PREFIX + "started", job.id)
+    try:
+        time.sleep(float(job.data or 0))
+    except SoftTimeLimitExceeded:
+        r.rpush(PREFIX + "stopped", job.id)
+        raise
+    r.rpush(PREFIX + "runs", job.id)
+    return job.data
