@@ -36,7 +36,8 @@ def _purge(client: redis.Redis, namespace: str) -> None:
 
 
 @contextmanager
-def celery_worker(env: dict[str, str], concurrency: int = 2, queues: str | None = None) -> Iterator[psutil.Process]:
+def celery_worker(env: dict[str, str], concurrency: int = 2,
+                  queues: str | None = None) -> Iterator[psutil.Process]:
     """A prefork `celery worker` for benchmarks/benchapp.py; yields its main process."""
     cmd = [sys.executable, "-m", "celery", "-A", "benchmarks.benchapp", "worker", "--loglevel",
            "WARNING", "--pool", "prefork", "--concurrency", str(concurrency), "--without-mingle",

@@ -18,6 +18,7 @@ import base64
 import json
 import uuid
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -128,7 +129,8 @@ class Publisher:
             pipe.execute()
             return
         template = self._template(task_name, process_timeout)
-        with self.app.producer_or_acquire() as producer, producer.batch():
+        # Producer.batch() is new in kombu 5.7; setup.cfg allows kombu >= 5.3
+        with self.app.producer_or_acquire() as producer, getattr(producer, "batch", nullcontext)():
             for m in messages:
                 producer.publish(
                     [[m.job_id, m.attempt], {}, _EMBED], exchange="", routing_key=queue.name,

@@ -59,7 +59,9 @@ def purge_namespace(kq: Kickq) -> int:
     """Remove every key of ``kq``'s namespace (and its Celery queues, when the
     broker is the same Redis); returns how many."""
     namespace = kq.options["redis_namespace"]
-    patterns = ["\\{" + namespace + "\\}:*", f"{namespace}.*", f"_kombu.binding.{namespace}.*"]
+    # newer kombu (5.7) also keeps a "_kombu.binding_permanent.<exchange>" set per declared queue
+    patterns = ["\\{" + namespace + "\\}:*", f"{namespace}.*", f"_kombu.binding.{namespace}.*",
+                f"_kombu.binding_permanent.{namespace}.*"]
     keys = [key for pattern in patterns for key in kq.redis.scan_iter(match=pattern, count=1000)]
     if keys:
         kq.redis.delete(*keys)

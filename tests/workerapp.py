@@ -11,6 +11,8 @@ import time
 
 import redis
 from celery import Celery
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from kickq_celery import Kickq
 from kickq_celery.testing import DEFAULT_TEST_REDIS_URL
@@ -20,6 +22,12 @@ REDIS_URL = os.environ.get("KICKQ_TEST_REDIS_URL", DEFAULT_TEST_REDIS_URL)
 
 app = Celery("workerapp", broker=os.environ.get("KICKQ_TEST_BROKER", REDIS_URL))
 app.conf.broker_connection_retry_on_startup = True
+if os.environ.get("KICKQ_TEST_DEFAULT_QUEUE"):
+    # a namespaced default queue, so that a test can delete every queue it made (RabbitMQ)
+    app.conf.task_default_queue = os.environ["KICKQ_TEST_DEFAULT_QUEUE"]
+if os.environ.get("KICKQ_TEST_CONTROL_EXCHANGE"):
+    # `celery inspect` private to one test: other tests' workers (also named w0@host) share the broker
+    app.conf.control_exchange = os.environ["KICKQ_TEST_CONTROL_EXCHANGE"]
 if os.environ.get("KICKQ_TEST_VISIBILITY_TIMEOUT"):
     app.conf.broker_transport_options = {
         "visibility_timeout": float(os.environ["KICKQ_TEST_VISIBILITY_TIMEOUT"])}
@@ -63,3 +71,35 @@ def stoppable(job):
         raise
     r.rpush(PREFIX + "runs", job.id)
     return job.data
+
+
+if os.environ.get("KICKQ_TEST_RESTORE_INTERVAL"):
+    # kombu sweeps the unacked messages (restored after visibility_timeout, e.g. those a
+    # worker had prefetched when its broker connection dropped) only every 10 x 10 s by default
+    app.conf.broker_transport_options = {
+        **(app.conf.broker_transport_options or {}),
+        "unacked_restore_interval": float(os.environ["KICKQ_TEST_RESTORE_INTERVAL"]),
+        "unacked_restore_throttle": 1}
+
+# a client that rides out a Redis restart (redis-py's default jittered retries may give up sooner)
+steady_r = redis.Redis.from_url(
+    REDIS_URL, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 40),
+    retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+
+
+@kq.process("steady")
+def steady(job):
+    """Sleep ``job.data`` seconds, recording through a client that survives Redis restarts."""
+    steady_r.rpush(PREFIX + "started", job.id)
+    time.sleep(float(job.data or 0))
+    steady_r.rpush(PREFIX + "runs", job.id)
+    return job.data
+
+
+@kq.process("fail_first")
+def fail_first(job):
+    """Fail the first run, succeed after (to test retries); records every run."""
+    r.rpush(PREFIX + "runs", job.id)
+    if job.run == 1:
+        raise RuntimeError("first run fails on purpose")
+    return job.run
