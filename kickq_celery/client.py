@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import uuid
 import weakref
@@ -11,7 +12,7 @@ from typing import Any, ClassVar
 
 import redis
 from celery import Celery
-from celery.backends.base import DisabledBackend
+from celery.backends.base import BaseKeyValueStoreBackend, DisabledBackend
 from celery.result import AsyncResult
 from kombu.entity import Exchange, Queue
 
@@ -508,6 +509,9 @@ class Kickq:
             backend.mark_as_failure(job_id, outcome)
         else:
             backend.mark_as_done(job_id, outcome)
+        if self.options["purge_jobs"] and isinstance(backend, BaseKeyValueStoreBackend):
+            # the result goes with the job's record (purge_timeout), not after Celery's result_expires
+            backend.expire(backend.get_key_for_task(job_id), max(1, math.ceil(self.options["purge_timeout"])))
 
     def after_run(self, ended: Ended, result: Any = None) -> None:
         """Follow-up of a finished or reaped run: settle waiters, hand on due jobs."""

@@ -27,7 +27,7 @@ def _script(name: str) -> str:
 
 
 _SOURCES = {name: _script(name) for name in (
-    "create", "start", "finish", "reap", "heartbeat", "delete", "promote", "unpark", "tick")}
+    "create", "start", "finish", "reap", "heartbeat", "delete", "promote", "unpark", "tick", "limit")}
 
 
 def _text(value: Any) -> str:
@@ -56,11 +56,12 @@ def redis_errors(client: redis.Redis) -> Iterator[None]:
 class Started:
     """The reply of the run guard."""
 
-    status: str  # run | gone | skip | wait
+    status: str  # run | gone | skip | wait | early
     data: Any = None
     runs: tuple[Run, ...] = ()
     created_at: float = 0.0
     started_at: float = 0.0
+    wait: float = 0.0  # early: seconds until the job is due
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,8 @@ class JobStore:
     def start_run(self, job_id: str, attempt: int, token: str, lock_timeout: float) -> Started:
         reply = self._call("start", job_id, attempt, token, lock_timeout)
         status = _text(reply[0])
+        if status == "early":
+            return Started(status, wait=float(reply[1]))
         if status != "run":
             return Started(status)
         runs = tuple(Run.from_dict(run) for run in json.loads(reply[2]))
@@ -188,12 +191,9 @@ class JobStore:
                 ids = self.client.zrange(self.keys.index(state), offset, offset + count - 1)
         return [_text(i) for i in ids]
 
-    def set_limit(self, name: str, limit: int | None) -> None:
-        with redis_errors(self.client):
-            if limit is None:
-                self.client.hdel(self.keys.limits, name)
-            else:
-                self.client.hset(self.keys.limits, name, limit)
+    def set_limit(self, name: str, limit: int | None) -> int:
+        """Set (None: clear) a name's max_jobs_num; returns how many waiting jobs it woke."""
+        return int(self._call("limit", name, "" if limit is None else limit))
 
     def names(self) -> list[str]:
         with redis_errors(self.client):

@@ -43,6 +43,10 @@ class KickqTask(Task):  # type: ignore[misc]
         options = kq.options
         token = uuid.uuid4().hex
         started = store.start_run(job_id, int(attempt), token, options["lock_timeout"])
+        while started.status == "early" and started.wait <= 1.0:
+            # the message came a moment before the job is due (see lua/start.lua)
+            time.sleep(started.wait)
+            started = store.start_run(job_id, int(attempt), token, options["lock_timeout"])
         if started.status != "run":
             logger.debug("kickq: %s %s not run (%s)", self.job_name, job_id, started.status)
             return

@@ -1,15 +1,24 @@
 -- The run guard: start a run of job `id` if its message is current and a slot is free.
 -- ARGV: prefix, id, attempt (from the message), token, lock_timeout
 -- Returns {'run', data, runs, created_at, started_at} | {'gone'} | {'skip', state} | {'wait'}
+--   | {'early', seconds_until_due}
 local id = ARGV[2]
 local key = P .. 'job:' .. id
 local f = redis.call('HMGET', key, 'name', 'state', 'attempt', 'deleted', 'ptimeout',
-  'created_at', 'started_at')
+  'created_at', 'started_at', 'scheduled_for')
 if not f[1] then return {'gone'} end
 -- a message for a deleted, finished, running or superseded attempt is a duplicate
 if f[4] == '1' or f[3] ~= ARGV[3] or not WAITING[f[2]] then return {'skip', f[2]} end
 local name = f[1]
 local t = now()
+-- no run before the job is due: a message's ETA comes from its publisher's clock, read before
+-- the record got its time (or on another machine). A moment early, the caller waits; far too
+-- early, the job is parked for a promoter to publish again.
+local due = f[8] and tonumber(f[8])
+if due and due > t then
+  if due - t > 1 then redis.call('ZADD', P .. 'delayed', due, id) end
+  return {'early', tostring(due - t)}
+end
 local limit = redis.call('HGET', P .. 'limits', name)
 if limit and redis.call('SCARD', P .. 'running:' .. name) >= tonumber(limit) then
   redis.call('ZADD', P .. 'waiting:' .. name, 'NX', t, id)
