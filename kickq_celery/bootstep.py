@@ -12,6 +12,11 @@ from typing import Any
 
 from celery import bootsteps
 
+# Imported here, in the main thread, never lazily in the loop thread: croniter's import
+# runs a subprocess (platform.architecture), and a prefork pool forking meanwhile
+# inherits its pipe, which then blocks the loop thread until that pool process exits.
+from .cron import fire_due
+
 logger = logging.getLogger("kickq_celery")
 
 
@@ -27,8 +32,6 @@ def tick(kq: Any) -> None:
             kq.after_run(ended)
         if len(reaped) < 100:
             break
-    from .cron import fire_due
-
     fire_due(kq)
 
 

@@ -4,24 +4,29 @@ croniter parses the expressions: five fields, or six with seconds last.
 Every worker looks at the latest tick of each schedule; one atomic claim per
 tick makes exactly one worker create its job. Ticks missed while no worker
 ran are skipped: only the latest one fires, and only while it is recent.
+Ticks from before a schedule was created never fire.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterError, croniter
 
-from .exceptions import InvalidJobOptions
+from .exceptions import InvalidJobOptions, RedisUnavailable
 from .records import from_timestamp
-from .store import redis_errors
+from .store import redis_errors, redis_now
 
 if TYPE_CHECKING:
     from .client import Kickq
+
+logger = logging.getLogger("kickq_celery")
 
 #: A tick older than this when a worker first sees it is skipped.
 MISSED_TICK_GRACE = 60.0
@@ -34,18 +39,22 @@ def check_cron(expression: Any, tz: Any) -> ZoneInfo:
     if not croniter.is_valid(expression):
         raise InvalidJobOptions(f"invalid cron expression {expression!r}")
     try:
-        return ZoneInfo(tz)
+        zone = ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError, TypeError):
         raise InvalidJobOptions(f"unknown time zone {tz!r}") from None
+    try:
+        # valid syntax may still never match ("0 0 31 2 *"); such a schedule would never fire
+        next_tick(expression, zone, datetime.now(tz=zone).timestamp())
+    except CroniterError:
+        raise InvalidJobOptions(f"cron expression {expression!r} never matches a date") from None
+    return zone
 
 
 def latest_tick(expression: str, zone: ZoneInfo, now: float) -> float:
     """The latest tick at or before ``now`` (epoch seconds)."""
-    start = datetime.fromtimestamp(now, tz=zone)
-    itr = croniter(expression, start)
-    if itr.match(expression, start) and start.microsecond == 0:
-        return now
-    return float(itr.get_prev(float))
+    # ticks fall on whole seconds and get_prev() is strictly before its start
+    start = datetime.fromtimestamp(math.floor(now) + 1, tz=zone)
+    return float(croniter(expression, start).get_prev(float))
 
 
 def next_tick(expression: str, zone: ZoneInfo, now: float) -> float:
@@ -65,7 +74,10 @@ def schedule(kq: Kickq, name: str, cron: str, data: Any, opts: Any, tz: str) -> 
     text = _dumps(definition, "schedule data")
     key = f"{name}:{hashlib.sha1(text.encode()).hexdigest()[:12]}"
     with redis_errors(kq.redis):
-        kq.redis.hset(kq.keys.schedules, key, json.dumps({**definition, "key": key}))
+        # "since": ticks before the schedule existed never fire; scheduling the same
+        # definition again (same key) keeps the original
+        stored = json.dumps({**definition, "key": key, "since": redis_now(kq.redis)})
+        kq.redis.hsetnx(kq.keys.schedules, key, stored)
     return key
 
 
@@ -107,11 +119,17 @@ def fire_due(kq: Kickq) -> int:
     defs, last, now = _definitions(kq)
     fired = 0
     for d in defs:
-        tick = latest_tick(d["cron"], ZoneInfo(d["tz"]), now)
-        if tick <= last.get(d["key"], 0) or now - tick > MISSED_TICK_GRACE:
-            continue
-        if kq.store.claim_tick(d["key"], tick):
-            kq.create(d["name"], d["data"], d["opts"])
-            fired += 1
+        try:
+            tick = latest_tick(d["cron"], ZoneInfo(d["tz"]), now)
+            if (tick <= last.get(d["key"], 0) or tick < d.get("since", 0)
+                    or now - tick > MISSED_TICK_GRACE):
+                continue
+            if kq.store.claim_tick(d["key"], tick):
+                kq.create(d["name"], d["data"], d["opts"])
+                fired += 1
+        except RedisUnavailable:
+            raise
+        except Exception:  # one broken schedule must not stop the others
+            logger.exception("kickq: schedule %s could not fire", d.get("key"))
     return fired
 

@@ -76,7 +76,8 @@ class Keys:
         return f"{self.prefix}wtimes:{name}"
 
     def completions(self, name: str) -> str:
-        """Hash: minute number -> completions in that minute (last hour kept)."""
+        """Hash: minute number -> completions in that minute (last hour kept), and
+        ``s<second>`` -> completions in that second (last minute kept)."""
         return f"{self.prefix}done:{name}"
 
     @property

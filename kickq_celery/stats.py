@@ -46,7 +46,7 @@ class NameStats:
 
 
 def _of(counters: dict[str, int], ptimes: list[float], wtimes: list[float],
-        completions: dict[int, int], now: float) -> NameStats:
+        completions: dict[int, int], recent: dict[int, int], now: float) -> NameStats:
     minute = int(now // 60)
     return NameStats(
         # retry and ghost re-runs wait on a timer: they count as delayed
@@ -56,9 +56,8 @@ def _of(counters: dict[str, int], ptimes: list[float], wtimes: list[float],
         **{name: counters.get(name, 0) for name in COUNTERS},
         process_time=summary(ptimes),
         wait_time=summary(wtimes),
-        # per-minute buckets: this minute, plus the part of the previous one still in range
-        completed_last_minute=round(completions.get(minute, 0)
-                                    + completions.get(minute - 1, 0) * (1 - now % 60 / 60)),
+        # per-second buckets for the last minute, per-minute ones (this and the 59 before) for the hour
+        completed_last_minute=sum(n for sec, n in recent.items() if sec > now - 60),
         completed_last_hour=sum(n for m, n in completions.items() if m > minute - 60),
     )
 
@@ -73,9 +72,10 @@ class Stats:
     @classmethod
     def from_raw(cls, raw: dict[str, dict[str, Any]]) -> Stats:
         names = {name: _of(r["counters"], r["process_times"], r["wait_times"],
-                           r["completions"], r["now"]) for name, r in raw.items()}
+                           r["completions"], r.get("recent", {}), r["now"]) for name, r in raw.items()}
         counters: dict[str, int] = {}
         completions: dict[int, int] = {}
+        recent: dict[int, int] = {}
         ptimes: list[float] = []
         wtimes: list[float] = []
         now = 0.0
@@ -84,10 +84,12 @@ class Stats:
                 counters[key] = counters.get(key, 0) + value
             for key, value in r["completions"].items():
                 completions[key] = completions.get(key, 0) + value
+            for key, value in r.get("recent", {}).items():
+                recent[key] = recent.get(key, 0) + value
             ptimes += r["process_times"]
             wtimes += r["wait_times"]
             now = r["now"]
-        return cls(names, _of(counters, ptimes, wtimes, completions, now))
+        return cls(names, _of(counters, ptimes, wtimes, completions, recent, now))
 
     def __getitem__(self, name: str) -> NameStats:
         return self.names[name]

@@ -43,14 +43,21 @@ local function release(name, t)
   return false
 end
 
--- Count one completion in the per-minute buckets; drop buckets older than an hour.
+-- Count one completion in per-minute buckets (field: minute number, for the last hour)
+-- and per-second buckets (field: 's' .. second, so the last minute is exact);
+-- drop expired buckets once there are clearly more than the 61 + 60 in use.
 local function completed(name, t)
   local key = P .. 'done:' .. name
-  local minute = math.floor(t / 60)
+  local minute, second = math.floor(t / 60), math.floor(t)
   redis.call('HINCRBY', key, minute, 1)
-  if redis.call('HLEN', key) > 61 then
-    for _, m in ipairs(redis.call('HKEYS', key)) do
-      if tonumber(m) < minute - 60 then redis.call('HDEL', key, m) end
+  redis.call('HINCRBY', key, 's' .. second, 1)
+  if redis.call('HLEN', key) > 160 then
+    for _, f in ipairs(redis.call('HKEYS', key)) do
+      if string.sub(f, 1, 1) == 's' then
+        if tonumber(string.sub(f, 2)) <= second - 60 then redis.call('HDEL', key, f) end
+      elseif tonumber(f) < minute - 60 then
+        redis.call('HDEL', key, f)
+      end
     end
   end
 end
