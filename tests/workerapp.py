@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 
 import redis
 from celery import Celery
@@ -89,10 +90,13 @@ steady_r = redis.Redis.from_url(
 
 @kq.process("steady")
 def steady(job):
-    """Sleep ``job.data`` seconds, recording through a client that survives Redis restarts."""
-    steady_r.rpush(PREFIX + "started", job.id)
+    """Sleep ``job.data`` seconds; add ``<id>:<call>`` to the sets ``steady:started`` and
+    ``steady:runs`` through a client that survives Redis restarts (a set, so that a
+    command redis-py re-sends is not counted twice, while two calls are)."""
+    call = f"{job.id}:{uuid.uuid4().hex}"
+    steady_r.sadd(PREFIX + "steady:started", call)
     time.sleep(float(job.data or 0))
-    steady_r.rpush(PREFIX + "runs", job.id)
+    steady_r.sadd(PREFIX + "steady:runs", call)
     return job.data
 
 

@@ -16,4 +16,7 @@ move(id, name, state, false)
 redis.call('DEL', key)
 redis.call('ZREM', P .. 'delayed', id)
 redis.call('ZREM', P .. 'waiting:' .. name, id)
+-- it may have been woken for a freed slot: pass the slot on (a needless wake-up is harmless)
+local limit = redis.call('HGET', P .. 'limits', name)
+if limit and redis.call('SCARD', P .. 'running:' .. name) < tonumber(limit) then release(name, now()) end
 return {1, f[4], final}

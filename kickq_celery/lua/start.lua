@@ -7,6 +7,12 @@ local key = P .. 'job:' .. id
 local f = redis.call('HMGET', key, 'name', 'state', 'attempt', 'deleted', 'ptimeout',
   'created_at', 'started_at', 'scheduled_for')
 if not f[1] then return {'gone'} end
+-- our own call again (redis-py re-sends a command whose reply a dropped connection lost):
+-- the run that call started is ours
+if f[2] == 'processing' and redis.call('HGET', key, 'token') == ARGV[4] then
+  local d = redis.call('HMGET', key, 'data', 'runs', 'created_at')
+  return {'run', d[1], d[2], d[3], f[7]}
+end
 -- a message for a deleted, finished, running or superseded attempt is a duplicate
 if f[4] == '1' or f[3] ~= ARGV[3] or not WAITING[f[2]] then return {'skip', f[2]} end
 local name = f[1]
