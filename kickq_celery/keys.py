@@ -32,7 +32,8 @@ class Keys:
         return f"{self.prefix}job:{job_id}"
 
     def index(self, state: str) -> str:
-        """Sorted set: job ids in ``state`` (score: time; final states: expiry)."""
+        """Sorted set: job ids in a waiting state (score: due time) or a final one
+        (score: expiry). Running jobs are in :attr:`active` instead."""
         return f"{self.prefix}idx:{state}"
 
     @property

@@ -83,7 +83,7 @@ class JobRecord:
             data=json.loads(raw["data"]),
             flags=json.loads(raw["flags"]),
             created_at=from_timestamp(raw.get("created_at")),
-            updated_at=from_timestamp(raw.get("updated_at")),
+            updated_at=from_timestamp(raw.get("updated_at") or raw.get("created_at")),
             scheduled_for=from_timestamp(raw.get("scheduled_for")),
             finished_at=from_timestamp(raw.get("finished_at")),
             complete=raw.get("complete") == "1",

@@ -181,9 +181,12 @@ class JobStore:
         return JobRecord.from_hash({_text(k): _text(v) for k, v in raw.items()})
 
     def job_ids(self, state: str, offset: int = 0, count: int = 100) -> list[str]:
-        """Ids in one state, oldest first; expired finished entries are skipped."""
+        """Ids in one state: waiting ones by due time, running ones by heartbeat deadline,
+        finished ones oldest first (expired entries skipped)."""
         with redis_errors(self.client):
-            if state in FINAL_STATES:
+            if state == "processing":
+                ids = self.client.zrange(self.keys.active, offset, offset + count - 1)
+            elif state in FINAL_STATES:
                 now = redis_now(self.client)
                 ids = self.client.zrangebyscore(self.keys.index(state), now, "+inf",
                                                 start=offset, num=count)

@@ -8,18 +8,20 @@ local t = now()
 local due = t + delay
 local state = 'queued'
 if delay > 0 then state = 'delayed' end
+local extra = {}
+if ptimeout ~= '' then extra = {'ptimeout', ptimeout} end
+if tombstone == '1' then table.insert(extra, 'tombstone'); table.insert(extra, '1') end
 local n = 0
 for i = 8, #ARGV, 2 do
   local id = ARGV[i]
   -- an id that exists is this call again (redis-py re-sends a command whose reply a dropped
   -- connection lost): writing it twice would reset a job a worker may have started
   if redis.call('EXISTS', P .. 'job:' .. id) == 0 then
+    -- only what is known now: readers take a missing field as empty, zero or false
     redis.call('HSET', P .. 'job:' .. id, 'id', id, 'name', name, 'state', state,
-      'data', ARGV[i + 1], 'flags', flags, 'ptimeout', ptimeout, 'tombstone', tombstone,
-      'created_at', t, 'updated_at', t, 'scheduled_for', due, 'started_at', '',
-      'finished_at', '', 'attempt', 1, 'runs', '[]', 'fails', 0, 'ghosts', 0,
-      'deleted', 0, 'complete', 0, 'success', 0, 'total_process_time', 0, 'token', '')
-    redis.call('ZADD', P .. 'idx:' .. state, t, id)
+      'data', ARGV[i + 1], 'flags', flags, 'created_at', t, 'scheduled_for', due,
+      'attempt', 1, 'runs', '[]', unpack(extra))
+    redis.call('ZADD', P .. 'idx:' .. state, due, id)
     if park then redis.call('ZADD', P .. 'delayed', due, id) end
     n = n + 1
   end

@@ -1,6 +1,14 @@
 -- End a run that the caller holds (its token still matches).
 -- ARGV: prefix, id, token, outcome (success|fail|ghost), payload (result json or error), purge_seconds (0 = keep)
 -- Returns end_run's reply, or {'stale'} when the run was reaped or the job is gone.
-local id = ARGV[2]
-if redis.call('HGET', P .. 'job:' .. id, 'token') ~= ARGV[3] then return {'stale'} end
-return end_run(id, ARGV[4], ARGV[5], now(), tonumber(ARGV[6]))
+local id, token = ARGV[2], ARGV[3]
+local key = P .. 'job:' .. id
+local r = end_run(id, ARGV[4], ARGV[5], now(), tonumber(ARGV[6]), token)
+if not r then
+  -- our own call again (redis-py re-sends a command whose reply a dropped connection lost):
+  -- answer what that call did
+  local f = redis.call('HMGET', key, 'ended_token', 'ended')
+  if f[1] == token then return cjson.decode(f[2]) end
+  return {'stale'}
+end
+return r

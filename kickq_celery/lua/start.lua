@@ -5,13 +5,12 @@
 local id = ARGV[2]
 local key = P .. 'job:' .. id
 local f = redis.call('HMGET', key, 'name', 'state', 'attempt', 'deleted', 'ptimeout',
-  'created_at', 'started_at', 'scheduled_for')
+  'created_at', 'started_at', 'scheduled_for', 'token', 'data', 'runs')
 if not f[1] then return {'gone'} end
 -- our own call again (redis-py re-sends a command whose reply a dropped connection lost):
 -- the run that call started is ours
-if f[2] == 'processing' and redis.call('HGET', key, 'token') == ARGV[4] then
-  local d = redis.call('HMGET', key, 'data', 'runs', 'created_at')
-  return {'run', d[1], d[2], d[3], f[7]}
+if f[2] == 'processing' and f[9] == ARGV[4] then
+  return {'run', f[10], f[11], f[6], f[7]}
 end
 -- a message for a deleted, finished, running or superseded attempt is a duplicate
 if f[4] == '1' or f[3] ~= ARGV[3] or not WAITING[f[2]] then return {'skip', f[2]} end
@@ -32,17 +31,17 @@ if limit and redis.call('SCARD', P .. 'running:' .. name) >= tonumber(limit) the
 end
 local deadline = t + tonumber(ARGV[5])
 local cap = ''
-if f[5] ~= '' then
+if f[5] and f[5] ~= '' then
   cap = t + tonumber(f[5])
   deadline = math.min(deadline, cap)
 end
-if f[7] == '' then sample(P .. 'wtimes:' .. name, t - tonumber(f[6])) end
+if not f[7] then sample(P .. 'wtimes:' .. name, t - tonumber(f[6])) end
 redis.call('HSET', key, 'state', 'processing', 'token', ARGV[4], 'started_at', t,
   'updated_at', t, 'deadline_cap', cap)
 redis.call('ZADD', P .. 'active', deadline, id)
-redis.call('SADD', P .. 'running:' .. name, id)
-redis.call('ZREM', P .. 'delayed', id)
-redis.call('ZREM', P .. 'waiting:' .. name, id)
+-- slots are counted only for limited names (a limit set later counts runs from then on)
+if limit then redis.call('SADD', P .. 'running:' .. name, id) end
+-- (a lease left in `delayed` by a promoter is dropped by it, or by the next promote pass)
+if limit then redis.call('ZREM', P .. 'waiting:' .. name, id) end
 move(id, name, f[2], 'processing', t)
-local d = redis.call('HMGET', key, 'data', 'runs', 'created_at')
-return {'run', d[1], d[2], d[3], tostring(t)}
+return {'run', f[10], f[11], f[6], tostring(t)}
