@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from celery import bootsteps
@@ -20,8 +21,8 @@ from .cron import fire_due
 logger = logging.getLogger("kickq_celery")
 
 
-def tick(kq: Any) -> None:
-    """One pass of the loops for one Kickq instance."""
+def tick(kq: Any, redeliver: bool = False) -> None:
+    """One pass of the loops for one Kickq instance (and of the redelivery sweep if asked)."""
     options = kq.options
     purge = options["purge_timeout"] if options["purge_jobs"] else 0
     kq.promote()
@@ -33,6 +34,10 @@ def tick(kq: Any) -> None:
         if len(reaped) < 100:
             break
     fire_due(kq)
+    if redeliver:
+        sent = kq.redeliver()
+        if sent:
+            logger.warning("kickq: published the messages of %d overdue job(s) again", sent)
 
 
 class KickqStep(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -45,6 +50,7 @@ class KickqStep(bootsteps.StartStopStep):  # type: ignore[misc]
         self.app = worker.app
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._swept: dict[Any, float] = {}
 
     def _scopes(self) -> list[Any]:
         """One Kickq instance per (Redis, namespace) in use by the app."""
@@ -68,8 +74,12 @@ class KickqStep(bootsteps.StartStopStep):  # type: ignore[misc]
             scopes = self._scopes()
             interval = min((kq.options["poll_interval"] for kq in scopes), default=0.5)
             for kq in scopes:
+                # the redelivery sweep is rarer: jobs are only overdue after a grace period
+                sweep = time.monotonic() - self._swept.get(kq.scope, 0.0) >= kq.redelivery_grace / 2
                 try:
-                    tick(kq)
+                    tick(kq, sweep)
+                    if sweep:
+                        self._swept[kq.scope] = time.monotonic()
                 except Exception:  # Redis or broker away: try again next tick
                     logger.exception("kickq: worker loop failed for %r", kq)
             self._stop.wait(interval)

@@ -347,6 +347,38 @@ class Kickq:
             self._publish_claims(claims)
             total += len(claims)
 
+    @property
+    def redelivery_grace(self) -> float:
+        """How long a due job may wait before its message is presumed lost."""
+        return 2 * float(self.options["lock_timeout"]) + self.horizon
+
+    def redeliver(self) -> int:
+        """Publish again the messages of due jobs that seem lost; returns how many.
+
+        A Redis broker loses a message now and then: one a worker had reserved when
+        it died comes back only after the ``visibility_timeout`` (an hour by default),
+        and one in flight when a consumer's connection drops may not come back.
+        A job overdue by :attr:`redelivery_grace` whose queue is empty gets a new
+        message; should the old one turn up after all, the run guard drops it.
+        Other brokers give unacknowledged messages back themselves.
+        """
+        broker = self.publisher.broker
+        if broker is None:
+            return 0
+        by_name: dict[str, list[Claimed]] = {}
+        for claim in self.store.overdue(self.redelivery_grace):
+            by_name.setdefault(claim.name, []).append(claim)
+        sent = 0
+        for name, claims in by_name.items():
+            with redis_errors(broker):
+                if broker.llen(self.queue(name).name):
+                    continue  # a backlog: the job waits its turn
+            for claim in claims:
+                self.publisher.publish(self.queue(name), self.task_name(name), claim.process_timeout,
+                                       [Message(claim.job_id, claim.attempt)])
+            sent += len(claims)
+        return sent
+
     def _publish_claims(self, claims: Sequence[Claimed]) -> None:
         groups: dict[tuple[str, float | None], list[Message]] = {}
         for claim in claims:

@@ -27,7 +27,8 @@ def _script(name: str) -> str:
 
 
 _SOURCES = {name: _script(name) for name in (
-    "create", "start", "finish", "reap", "heartbeat", "delete", "promote", "unpark", "tick", "limit")}
+    "create", "start", "finish", "reap", "heartbeat", "delete", "promote", "unpark", "tick", "overdue",
+    "limit")}
 
 
 def _text(value: Any) -> str:
@@ -161,6 +162,13 @@ class JobStore:
             Claimed(_text(r[0]), _text(r[1]), int(r[2]), float(r[3]), _text(r[4]),
                     float(r[5]) if r[5] else None)
             for r in self._call("promote", horizon, lease, limit)
+        ]
+
+    def overdue(self, grace: float, limit: int = 500) -> list[Claimed]:
+        """Waiting jobs due for more than ``grace`` seconds that no promoter or slot holds."""
+        return [
+            Claimed(_text(r[0]), _text(r[1]), int(r[2]), 0.0, "", float(r[3]) if r[3] else None)
+            for r in self._call("overdue", grace, limit)
         ]
 
     def unpark(self, claims: Sequence[Claimed]) -> None:

@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 import redis
 
-from kickq_celery import JobNotFound, Kickq
+from kickq_celery import JobNotFound, Kickq, testing
 from kickq_celery.testing import purge_namespace, wait_for
 
 
@@ -168,3 +168,48 @@ def test_namespaces_on_one_redis_never_see_each_other(kickq, kickq_app, kickq_re
         keys = list(r.scan_iter(match=f"test:{ns_b}:*"))
         if keys:
             r.delete(*keys)
+
+
+def test_lost_message_is_published_again(kickq_app, kickq_namespace, kickq_redis_url):
+    """A job whose Celery message vanished (no message at all here) still runs, once."""
+    kq = Kickq(kickq_app, redis=kickq_redis_url, redis_namespace=kickq_namespace,
+               poll_interval=0.1, lock_timeout=1, delay_horizon=0.5)
+    runs = []
+
+    @kq.process("lost")
+    def lost(job):
+        runs.append(job.id)
+        return job.data
+
+    try:
+        # the record alone, as if its message had been lost between broker and worker
+        kq.store.create("lost", '{"delay": null, "retry": false, "retry_count": 3, "retry_interval": 0,'
+                        ' "ghost_retry": true, "ghost_times": 1, "ghost_interval": 0}',
+                        None, False, 0.0, False, [("lost-1", '"x"')])
+        assert kq.get("lost-1").state == "queued"
+        with testing.worker(kickq_app):
+            record = wait_for(lambda: kq.get("lost-1").complete and kq.get("lost-1"),
+                              timeout=kq.redelivery_grace + 10, message="the lost job to run")
+            time.sleep(kq.redelivery_grace)  # a later sweep must not run it again
+        assert record.state == "success" and record.result == "x"
+        assert runs == ["lost-1"]
+        assert len(kq.get("lost-1").runs) == 1
+    finally:
+        purge_namespace(kq)
+
+
+def test_prefetched_jobs_of_a_killed_worker_run(kickq, worker_process, kickq_namespace):
+    """Messages a SIGKILLed worker had reserved come back long before the visibility_timeout."""
+    first = worker_process(concurrency=1, lock_timeout=1)
+    sleeper = kickq.create("sleep", 30)
+    wait_for(lambda: kickq.get(sleeper.id).state == "processing", 20, message="the sleep job to start")
+    queued = [kickq.create("record", i) for i in range(3)]  # reserved by the busy worker
+    wait_for(lambda: first.log.read_text(errors="replace").count(f"Task {kickq_namespace}.record[") >= 3,
+             20, message="the worker to reserve the record jobs")
+    first.kill()
+    worker_process(concurrency=1, lock_timeout=1)
+    for job in queued:
+        record = wait_for(lambda job=job: kickq.get(job.id).complete and kickq.get(job.id), 60,
+                          message="a reserved job to run on the new worker")
+        assert record.state == "success" and len(record.runs) == 1
+    kickq.delete(sleeper.id)

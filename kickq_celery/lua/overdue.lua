@@ -1,0 +1,18 @@
+-- Jobs whose Celery message may be lost: waiting and due for more than `grace` seconds,
+-- neither parked for a promoter nor waiting for a max_jobs_num slot.
+-- ARGV: prefix, grace, limit (per state)
+-- Returns a list of {id, name, attempt, process_timeout}.
+local t = now()
+local out = {}
+for state in pairs(WAITING) do
+  local ids = redis.call('ZRANGEBYSCORE', P .. 'idx:' .. state, '-inf', t - tonumber(ARGV[2]),
+    'LIMIT', 0, tonumber(ARGV[3]))
+  for _, id in ipairs(ids) do
+    local f = redis.call('HMGET', P .. 'job:' .. id, 'name', 'attempt', 'ptimeout')
+    if f[1] and not redis.call('ZSCORE', P .. 'delayed', id)
+        and not redis.call('ZSCORE', P .. 'waiting:' .. f[1], id) then
+      out[#out + 1] = {id, f[1], f[2], f[3]}
+    end
+  end
+end
+return out
