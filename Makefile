@@ -19,9 +19,7 @@ demo: venv
 	$(PY) examples/quickstart.py
 
 # Makes sure Redis answers (starts a local redis-server if not), then runs lint and the suite.
-test: venv redis
-	$(VENV)/bin/ruff check kickq_celery tests examples benchmarks
-	$(VENV)/bin/mypy
+test: venv redis lint
 	$(PY) -m pytest
 
 redis:
