@@ -83,6 +83,19 @@ def worker_process(tmp_path: Path, kickq_namespace: str,
         client.delete(*keys)
 
 
+@pytest.fixture
+def r(kickq_redis_url: str) -> Iterator[redis.Redis]:
+    """A client of the test Redis that decodes replies."""
+    client = redis.Redis.from_url(kickq_redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+def listed(r: redis.Redis, ns: str, name: str) -> list[str]:
+    """A list the workerapp handlers fill (runs, started, concurrency)."""
+    return r.lrange(f"test:{ns}:{name}", 0, -1)  # type: ignore[return-value]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

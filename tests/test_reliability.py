@@ -5,26 +5,13 @@ are isolated, and the promoter lease publishes a parked job once."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
-import redis
 
 from kickq_celery import JobNotFound, Kickq, testing
 from kickq_celery.testing import purge_namespace, wait_for
-
-
-@pytest.fixture
-def r(kickq_redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(kickq_redis_url, decode_responses=True)
-    yield client
-    client.close()
-
-
-def listed(r: redis.Redis, ns: str, name: str) -> list[str]:
-    """A list the workerapp handlers fill (runs, started, concurrency)."""
-    return r.lrange(f"test:{ns}:{name}", 0, -1)
+from tests.conftest import listed
 
 
 def state(kq: Kickq, job_id: str) -> str | None:
@@ -48,8 +35,12 @@ def test_delay_past_visibility_timeout_runs_once(kickq, kickq_app, worker_proces
     assert job.state == "delayed"
     # parked in Redis: no broker message exists yet that could be redelivered
     assert r.zscore(kickq.keys.delayed, job.id) is not None
-    record = wait_for(lambda: state(kickq, job.id) == "success" and kickq.get(job.id), 20,
-                      0.1, "the delayed job to run")
+    try:
+        # (a message the broker lost would be published again within the redelivery grace)
+        record = wait_for(lambda: state(kickq, job.id) == "success" and kickq.get(job.id), 30,
+                          0.1, "the delayed job to run")
+    except AssertionError:
+        raise AssertionError(worker.log.read_text(errors="replace")[-4000:]) from None
     # two more visibility timeouts: a redelivered message would have run by now
     time.sleep(4)
     assert listed(r, kickq.options["redis_namespace"], "runs") == [job.id]
@@ -58,7 +49,8 @@ def test_delay_past_visibility_timeout_runs_once(kickq, kickq_app, worker_proces
     # both stamped by Redis TIME: not a moment before created + 6 s
     assert record.scheduled_for == record.created_at + timedelta(seconds=6)
     assert record.runs[0].started_at >= record.scheduled_for
-    assert received(worker, job.id) == 1
+    # the guarantee is one run; the broker itself may hand the message over again
+    assert received(worker, job.id) >= 1
 
 
 def test_promoter_lease_publishes_a_parked_job_once(kickq, kickq_app, worker_process, r):

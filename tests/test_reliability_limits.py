@@ -5,23 +5,9 @@ woken once per freed slot instead of bouncing through the broker."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-
-import pytest
-import redis
 
 from kickq_celery.testing import wait_for
-
-
-@pytest.fixture
-def r(kickq_redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(kickq_redis_url, decode_responses=True)
-    yield client
-    client.close()
-
-
-def listed(r: redis.Redis, ns: str, name: str) -> list[str]:
-    return r.lrange(f"test:{ns}:{name}", 0, -1)
+from tests.conftest import listed
 
 
 def received(worker, job_id: str) -> int:  # type: ignore[no-untyped-def]
