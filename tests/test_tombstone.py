@@ -64,7 +64,8 @@ def test_job_deleted_while_delayed_and_someone_waits(kickq, kickq_worker):
     with pytest.raises(JobDeleted) as info:
         job.promise.wait()
     assert time.monotonic() - started < 2.5  # settled by the delete, not by the delay or the timeout
-    assert deleted == [True]
+    # the waiter may wake before delete() has returned to the timer thread
+    wait_for(lambda: deleted == [True], 2, 0.01, "delete() to return True")
     assert info.value.job_id == job.id
     assert info.value.has_timeout is False
     with pytest.raises(JobNotFound):
@@ -87,7 +88,8 @@ def test_job_deleted_while_running(kickq, kickq_worker, release):
     with pytest.raises(JobDeleted) as info:
         job.promise.wait()
     assert time.monotonic() - started < 3  # the run is still blocked: the delete settled it
-    assert deleted == [True]
+    # the waiter may wake before delete() has returned to the timer thread
+    wait_for(lambda: deleted == [True], 2, 0.01, "delete() to return True")
     assert info.value.has_timeout is False
     # the run is not interrupted; its record goes when the run ends, and the promise
     # keeps its one outcome (the run's success is not stored over it)
