@@ -13,7 +13,6 @@ from typing import Any, ClassVar
 import redis
 from celery import Celery
 from celery.backends.base import BaseKeyValueStoreBackend, DisabledBackend
-from celery.result import AsyncResult
 from kombu.entity import Exchange, Queue
 
 from . import options as opts
@@ -30,6 +29,7 @@ from .keys import Keys
 from .promise import Promise
 from .publisher import Message, Publisher, redis_broker_url
 from .records import Job, JobRecord
+from .stats import Stats
 from .store import Claimed, Ended, JobStore, redis_errors
 
 Handler = Callable[[Job], Any]
@@ -482,10 +482,8 @@ class Kickq:
                         break
         return found
 
-    def stats(self, name: str | None = None) -> Any:
+    def stats(self, name: str | None = None) -> Stats:
         """Aggregate stats of one job name or of all (see :class:`Stats`)."""
-        from .stats import Stats
-
         names = [name] if name else self.store.names()
         return Stats.from_raw(self.store.raw_stats(names))
 
@@ -555,10 +553,6 @@ class Kickq:
                     f"job {ended.job_id} failed: {ended.last_error}", ended.job_id, ended.last_error))
         if ended.released or (ended.verdict in ("retry", "ghost") and ended.due_in <= self.horizon):
             self.promote()
-
-    def async_result(self, job_id: str) -> AsyncResult:
-        self._ensure_result_backend()
-        return self.app.AsyncResult(job_id)
 
     def __repr__(self) -> str:
         return f"<Kickq namespace={self.options['redis_namespace']!r} app={self.app.main!r}>"
