@@ -27,12 +27,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _purge(client: redis.Redis, namespace: str) -> None:
-    for pattern in ("{" + namespace + "}:*", f"{namespace}*", f"_kombu.binding.{namespace}*",
-                    f"{{{namespace}}}:result:*", "celery-task-meta-*"):
-        keys = list(client.scan_iter(match=pattern.replace("{", "\\{").replace("}", "\\}")
-                                     if pattern.startswith("{") else pattern, count=5000))
+    """Remove the run's keys, and the messages its stopped workers left unacknowledged
+    (kombu's `unacked` hash would otherwise hand them back to the next worker that starts)."""
+    for pattern in ("\\{" + namespace + "\\}:*", f"{namespace}*", f"_kombu.binding.{namespace}*",
+                    f"_kombu.binding_permanent.{namespace}*"):
+        keys = list(client.scan_iter(match=pattern, count=5000))
         for i in range(0, len(keys), 5000):
             client.delete(*keys[i:i + 5000])
+    ours = [tag for tag, message in client.hscan_iter("unacked", count=5000)
+            if f'"routing_key": "{namespace}'.encode() in message]
+    for i in range(0, len(ours), 5000):
+        client.hdel("unacked", *ours[i:i + 5000])
+        client.zrem("unacked_index", *ours[i:i + 5000])
 
 
 @contextmanager

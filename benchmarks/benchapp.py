@@ -19,7 +19,9 @@ COUNTER = f"{NAMESPACE}-counter"
 
 app = Celery("benchapp", broker=REDIS_URL, backend=REDIS_URL)
 app.conf.update(task_default_queue=RAW_QUEUE, worker_prefetch_multiplier=4,
-                broker_connection_retry_on_startup=True, result_expires=600)
+                broker_connection_retry_on_startup=True, result_expires=600,
+                # results under the run's namespace, so the run can remove them all
+                result_backend_transport_options={"global_keyprefix": f"{NAMESPACE}-"})
 kq = Kickq(app, redis=REDIS_URL, redis_namespace=NAMESPACE, purge_timeout=600)
 counter = redis.Redis.from_url(REDIS_URL)
 

@@ -44,6 +44,9 @@ class KickqStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """Runs :func:`tick` for every Kickq instance of the app, every poll_interval."""
 
     label = "kickq"
+    # start once the pool has forked its processes: a thread running during a fork can
+    # leave a lock held in the child, which then hangs at start-up
+    requires = ("celery.worker.components:Pool",)
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)

@@ -65,7 +65,14 @@ def purge_namespace(kq: Kickq) -> int:
     keys = [key for pattern in patterns for key in kq.redis.scan_iter(match=pattern, count=1000)]
     if keys:
         kq.redis.delete(*keys)
-    return len(keys)
+    # messages a killed worker left unacknowledged (kombu's Redis transport keeps them in
+    # "unacked" until a worker restores them into the namespace's queues)
+    unacked = [tag for tag, message in kq.redis.hscan_iter("unacked", count=1000)
+               if f'"routing_key": "{namespace}.'.encode() in message]
+    if unacked:
+        kq.redis.hdel("unacked", *unacked)
+        kq.redis.zrem("unacked_index", *unacked)
+    return len(keys) + len(unacked)
 
 
 def make_app(redis_url: str, name: str = "kickq-tests", **conf: Any) -> Celery:
