@@ -98,8 +98,9 @@ def test_deleted_delayed_job_never_runs_across_a_killed_worker(kickq, kickq_name
              "the worker to take the message")
     first.kill()
     assert kickq.delete(job.id) is True
-    # a short visibility timeout: the new worker restores the dead worker's unacked message at start
-    second = worker_process(concurrency=1, visibility_timeout=1)
+    # a short visibility timeout, swept every second: the new worker restores the dead worker's
+    # unacked message however soon after the kill it starts
+    second = worker_process(concurrency=1, visibility_timeout=1, restore_interval=1)
     wait_for(lambda: received in second.log.read_text(errors="replace"), 15, 0.1,
              "the message to be redelivered to the new worker")
     done = f"{kickq.task_name('record')}[{job.id}] succeeded"
