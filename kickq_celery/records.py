@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from .keys import FINAL_STATES
+
 if TYPE_CHECKING:
     from .promise import Promise
 
@@ -86,8 +88,8 @@ class JobRecord:
             updated_at=from_timestamp(raw.get("updated_at") or raw.get("created_at")),
             scheduled_for=from_timestamp(raw.get("scheduled_for")),
             finished_at=from_timestamp(raw.get("finished_at")),
-            complete=raw.get("complete") == "1",
-            success=raw.get("success") == "1",
+            complete=raw["state"] in FINAL_STATES,
+            success=raw["state"] == "success",
             result=json.loads(result) if result else None,
             last_error=raw.get("last_error") or None,
             total_process_time=float(raw.get("total_process_time") or 0),

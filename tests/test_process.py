@@ -129,7 +129,7 @@ def test_handler_of_a_retry_sees_the_earlier_runs(kickq, kickq_worker):
     def flaky(job):
         seen.append(job)
         if job.run == 1:
-            raise ValueError("first run fails")
+            raise ValueError('first "run" fails \\ ünï\n')  # text the runs JSON must escape
         return job.run
 
     kickq_worker()
@@ -138,8 +138,10 @@ def test_handler_of_a_retry_sees_the_earlier_runs(kickq, kickq_worker):
     assert [ctx.run for ctx in seen] == [1, 2]
     earlier = seen[1].runs
     assert len(earlier) == 1 and earlier[0].number == 1 and earlier[0].state == "fail"
-    assert "ValueError: first run fails" in earlier[0].error
-    assert record.result == 2 and [run.state for run in record.runs] == ["fail", "success"]
+    assert earlier[0].error == 'ValueError: first "run" fails \\ ünï\n'
+    assert record.result == 2
+    assert [(run.number, run.state) for run in record.runs] == [(1, "fail"), (2, "success")]
+    assert record.runs[0] == earlier[0] and record.runs[0].started_at < record.runs[1].started_at
 
 
 def test_data_round_trips_deep_equal(kickq, kickq_worker):

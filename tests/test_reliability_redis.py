@@ -228,9 +228,40 @@ def test_the_run_guard_is_idempotent_for_its_caller(kickq):
     again = kickq.store.start_run(job.id, 1, "token-1", 30)
     assert first.status == again.status == "run"
     assert again.data == {"n": 1} and again.created_at == first.created_at
-    assert abs(again.started_at - first.started_at) < 0.001  # the same run (stored with 14 digits)
+    assert again.started_at == first.started_at  # the same run
     assert kickq.store.start_run(job.id, 1, "token-2", 30).status == "skip"  # anyone else: a duplicate
     assert kickq.stats("guarded").total.processing == 1
+
+
+@pytest.mark.parametrize("outcome", ["success", "fail"])
+def test_the_finish_is_idempotent_for_its_caller(kickq, outcome):
+    """A finish sent again (its reply lost) gets the first answer and changes nothing more;
+    anyone else's finish of that run, or a finish after the reaper ended it, is stale."""
+    store = kickq.store
+    job = kickq.create("finished", None, retry=True, retry_count=1, retry_interval=60)
+    assert store.start_run(job.id, 1, "token-1", 30).status == "run"
+    first = store.finish_run(job.id, "token-1", outcome, '"boom"', 600)
+    again = store.finish_run(job.id, "token-1", outcome, '"boom"', 600)
+    assert first == again and first.verdict == ("success" if outcome == "success" else "retry")
+    assert store.finish_run(job.id, "token-2", outcome, '"boom"', 600).verdict == "stale"
+    record = kickq.get(job.id)
+    assert len(record.runs) == 1 and record.runs[0].state == outcome
+    total = kickq.stats("finished").total
+    assert (total.processing, total.succeeded, total.retried) == (
+        (0, 1, 0) if outcome == "success" else (0, 0, 1))
+
+
+def test_a_finish_after_the_reaper_is_stale(kickq):
+    store = kickq.store
+    job = kickq.create("reaped", None)
+    assert store.start_run(job.id, 1, "token-1", 0.01).status == "run"
+    time.sleep(0.05)
+    [reaped] = store.reap(600)
+    assert (reaped.job_id, reaped.verdict) == (job.id, "ghost")  # to run again
+    assert store.finish_run(job.id, "token-1", "success", "1", 600).verdict == "stale"
+    record = kickq.get(job.id)
+    assert record.state == "ghost" and [run.state for run in record.runs] == ["ghost"]
+    assert kickq.stats("reaped").total.succeeded == 0
 
 
 def test_a_create_sent_again_does_not_reset_the_job(kickq):

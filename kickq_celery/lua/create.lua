@@ -4,8 +4,8 @@
 -- Returns the creation time.
 local name, flags, ptimeout, tombstone = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local delay, park = tonumber(ARGV[6]), ARGV[7] == '1'
-local t = now()
-local due = t + delay
+local t, ts = now()
+local due = delay > 0 and fmt(t + delay) or ts
 local state = 'queued'
 if delay > 0 then state = 'delayed' end
 local extra = {}
@@ -19,8 +19,8 @@ for i = 8, #ARGV, 2 do
   if redis.call('EXISTS', P .. 'job:' .. id) == 0 then
     -- only what is known now: readers take a missing field as empty, zero or false
     redis.call('HSET', P .. 'job:' .. id, 'id', id, 'name', name, 'state', state,
-      'data', ARGV[i + 1], 'flags', flags, 'created_at', t, 'scheduled_for', due,
-      'attempt', 1, 'runs', '[]', unpack(extra))
+      'data', ARGV[i + 1], 'flags', flags, 'created_at', ts, 'scheduled_for', due,
+      'attempt', '1', 'runs', '[]', unpack(extra))
     redis.call('ZADD', P .. 'idx:' .. state, due, id)
     if park then redis.call('ZADD', P .. 'delayed', due, id) end
     n = n + 1
@@ -29,4 +29,4 @@ end
 redis.call('HINCRBY', P .. 'stats:' .. name, state, n)
 redis.call('HINCRBY', P .. 'stats:' .. name, 'created', n)
 redis.call('SADD', P .. 'names', name)
-return tostring(t)
+return ts

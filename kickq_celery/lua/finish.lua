@@ -3,12 +3,13 @@
 -- Returns end_run's reply, or {'stale'} when the run was reaped or the job is gone.
 local id, token = ARGV[2], ARGV[3]
 local key = P .. 'job:' .. id
-local r = end_run(id, ARGV[4], ARGV[5], now(), tonumber(ARGV[6]), token)
+local t, ts = now()
+local r = end_run(id, ARGV[4], ARGV[5], t, ts, tonumber(ARGV[6]), token)
 if not r then
   -- our own call again (redis-py re-sends a command whose reply a dropped connection lost):
   -- answer what that call did
-  local f = redis.call('HMGET', key, 'ended_token', 'ended')
-  if f[1] == token then return cjson.decode(f[2]) end
+  local f = redis.call('HMGET', key, 'token', 'state', 'ended')
+  if f[1] == token and f[2] ~= 'processing' and f[3] then return cjson.decode(f[3]) end
   return {'stale'}
 end
 return r

@@ -4,7 +4,7 @@
 -- Returns a list of {id, name, attempt, process_timeout}.
 local t = now()
 local out = {}
-for state in pairs(WAITING) do
+for _, state in ipairs({'queued', 'delayed', 'retry', 'ghost'}) do
   local ids = redis.call('ZRANGEBYSCORE', P .. 'idx:' .. state, '-inf', t - tonumber(ARGV[2]),
     'LIMIT', 0, tonumber(ARGV[3]))
   for _, id in ipairs(ids) do

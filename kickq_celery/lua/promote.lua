@@ -9,7 +9,7 @@ local ids = redis.call('ZRANGEBYSCORE', P .. 'delayed', '-inf', t + tonumber(ARG
 for _, id in ipairs(ids) do
   local f = redis.call('HMGET', P .. 'job:' .. id, 'name', 'state', 'attempt',
     'scheduled_for', 'deleted', 'ptimeout')
-  if not f[1] or not WAITING[f[2]] or f[5] == '1' then
+  if not f[1] or not waiting(f[2]) or f[5] == '1' then
     redis.call('ZREM', P .. 'delayed', id)
   else
     local lease = t + tonumber(ARGV[3])

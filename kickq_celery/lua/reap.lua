@@ -1,13 +1,13 @@
 -- Turn runs whose heartbeat lock expired (dead worker, or process_timeout) into ghost runs.
 -- ARGV: prefix, purge_seconds, limit
 -- Returns a list of {id, end_run reply...}.
-local t = now()
+local t, ts = now()
 local out = {}
-local ids = redis.call('ZRANGEBYSCORE', P .. 'active', '-inf', t, 'LIMIT', 0, tonumber(ARGV[3]))
+local ids = redis.call('ZRANGEBYSCORE', P .. 'active', '-inf', ts, 'LIMIT', 0, tonumber(ARGV[3]))
 for _, id in ipairs(ids) do
   if redis.call('EXISTS', P .. 'job:' .. id) == 1 then
     local r = end_run(id, 'ghost', 'heartbeat lock expired: the worker died or process_timeout passed',
-      t, tonumber(ARGV[2]))
+      t, ts, tonumber(ARGV[2]))
     table.insert(r, 1, id)
     out[#out + 1] = r
   else
