@@ -216,8 +216,9 @@ class JobStore:
             pipe = self.client.pipeline(transaction=False)
             for name in names:
                 pipe.hgetall(self.keys.stats(name))
-                pipe.lrange(self.keys.process_times(name), 0, -1)
-                pipe.lrange(self.keys.wait_times(name), 0, -1)
+                # the latest 500 (the scripts trim the lists to that now and then)
+                pipe.lrange(self.keys.process_times(name), 0, 499)
+                pipe.lrange(self.keys.wait_times(name), 0, 499)
                 pipe.hgetall(self.keys.completions(name))
             pipe.time()
             replies = pipe.execute()

@@ -133,3 +133,15 @@ def test_stats_to_dict_is_json_serializable(kickq, kickq_worker):
     assert set(back["total"]) == {
         "queued", "delayed", "processing", "created", "succeeded", "failed", "retried", "ghosts",
         "deleted", "process_time", "wait_time", "completed_last_minute", "completed_last_hour"}
+
+
+def test_timing_samples_are_the_latest_500_runs(kickq):
+    store = kickq.store
+    jobs = kickq.create_many("sampled", [None] * 650)
+    for job in jobs:
+        assert store.start_run(job.id, 1, "token", 30).status == "run"
+        assert store.finish_run(job.id, "token", "success", "null", 600).verdict == "success"
+    raw = store.raw_stats(["sampled"])["sampled"]
+    assert len(raw["process_times"]) == len(raw["wait_times"]) == 500
+    assert kickq.redis.llen(kickq.keys.process_times("sampled")) <= 600  # trimmed now and then
+    assert kickq.stats("sampled").total.succeeded == 650

@@ -39,9 +39,10 @@ local function move(id, name, old, new, score)
   end
 end
 
--- Keep a bounded sample for the percentiles of the stats.
+-- Keep a bounded sample for the percentiles of the stats (the latest 500; trimmed once
+-- every 100 pushes, not on each one).
 local function sample(key, value)
-  if redis.call('LPUSH', key, value) > 500 then redis.call('LTRIM', key, 0, 499) end
+  if redis.call('LPUSH', key, value) > 600 then redis.call('LTRIM', key, '0', '499') end
 end
 
 -- A slot of `name` was freed: park the oldest job waiting for one as due now,
