@@ -119,11 +119,15 @@ def bench_create_many(n: int) -> dict[str, float]:
 
 
 def bench_processing(n: int, env: dict[str, str], client: redis.Redis,
-                     repeats: int = 3) -> dict[str, Any]:
+                     repeats: int = 5) -> dict[str, Any]:
     """Drain rate of n queued no-op jobs; the median of `repeats` runs per side, alternating."""
     from benchmarks.benchapp import COUNTER, RAW_QUEUE, app, kq, raw_noop
 
     samples: dict[str, list[float]] = {"raw": [], "kickq": []}
+    # CPU per job of the worker's main process, its pool processes and Redis (when local)
+    cpu: dict[str, dict[str, list[float]]] = {side: {"main": [], "pool": [], "redis": []}
+                                              for side in samples}
+    redis_server = local_process(client)
     for repeat in range(repeats):
         for side in ("raw", "kickq") if repeat % 2 == 0 else ("kickq", "raw"):
             client.delete(COUNTER)
@@ -135,12 +139,36 @@ def bench_processing(n: int, env: dict[str, str], client: redis.Redis,
             else:
                 kq.create_many("noop", range(n))
                 queues = kq.task_name("noop")
-            with celery_worker(env, concurrency=2, queues=queues):
+            with celery_worker(env, concurrency=2, queues=queues) as main:
+                processes = {"main": [main], "pool": main.children()}
+                if redis_server is not None:
+                    processes["redis"] = [redis_server]
+                before = {part: cpu_seconds(procs) for part, procs in processes.items()}
                 start, done_before = time.monotonic(), int(client.get(COUNTER) or 0)
                 end = wait_counter(client, COUNTER, n, timeout=600)
+                for part, procs in processes.items():
+                    used = cpu_seconds(procs) - before[part]
+                    cpu[side][part].append(used / (n - done_before) * 1e6)
             samples[side].append((n - done_before) / (end - start))
     return {"raw": statistics.median(samples["raw"]), "kickq": statistics.median(samples["kickq"]),
-            "samples": samples}
+            "samples": samples,
+            "cpu_us_per_job": {side: {part: round(statistics.median(values), 1)
+                                      for part, values in parts.items() if values}
+                               for side, parts in cpu.items()}}
+
+
+def local_process(client: redis.Redis) -> psutil.Process | None:
+    """The redis-server process behind ``client`` when it runs on this machine."""
+    try:
+        process = psutil.Process(int(client.info("server")["process_id"]))
+        return process if process.name().startswith("redis") else None
+    except (psutil.Error, KeyError):
+        return None
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    """User + system CPU time of processes."""
+    return sum(times.user + times.system for times in (p.cpu_times() for p in processes))
 
 
 def bench_tombstone(n: int, env: dict[str, str]) -> dict[str, float]:
@@ -209,6 +237,10 @@ def table(results: dict[str, Any]) -> str:
          f" (Celery held {results['memory'].get('raw_held', 0):,})",
          results["memory"]["raw"], results["memory"]["kickq"], "countdown=3600"),
     ]
+    cpu = results["processing"].get("cpu_us_per_job", {})
+    for part in cpu.get("kickq", {}):
+        rows.append((f"processing CPU per job: {part} (us)", cpu["raw"][part], cpu["kickq"][part],
+                     "the same runs"))
     lines = ["| benchmark | raw Celery | kickq_celery | kickq / Celery | Celery side |",
              "|---|---:|---:|---:|---|"]
     for label, raw, kick, what in rows:
