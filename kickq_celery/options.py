@@ -25,6 +25,11 @@ def _camel(snake: str) -> str:
     return head + "".join(part.title() for part in rest)
 
 
+# The longest duration accepted: Redis expirations in milliseconds overflow long before
+# a duration could be infinite.
+MAX_SECONDS = 100 * 365 * 86400.0
+
+
 def seconds(value: Any) -> float:
     """A duration (number or timedelta) in seconds; raises TypeError/ValueError."""
     if isinstance(value, timedelta):
@@ -33,6 +38,8 @@ def seconds(value: Any) -> float:
         raise TypeError("expected a number of seconds or a timedelta")
     if not math.isfinite(value) or value < 0:
         raise ValueError("expected a finite number of seconds >= 0")
+    if value > MAX_SECONDS:
+        raise ValueError("expected at most 100 years of seconds")
     return float(value)
 
 

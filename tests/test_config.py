@@ -248,6 +248,8 @@ def test_unknown_key_names_it_with_a_suggestion(call, key, suggestion):
     ("delay", float("nan")),
     ("delay", "3"),
     ("processTimeout", float("inf")),
+    ("purgeTimeout", 1e16),  # PEXPIRE in ms would overflow
+    ("delay", timedelta(days=365 * 101)),
     ("retry_interval", []),
     ("retry_interval", [1, "x"]),
     ("redis", "http://localhost"),

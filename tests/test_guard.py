@@ -126,6 +126,7 @@ def test_create_many_with_one_bad_item_writes_nothing(kq):
     ({"max_jobs_num": 3}, None, "'max_jobs_num'"),  # a process() option
     ({"retry": "yes"}, None, "'retry'"),  # wrong type
     ({"delay": -1}, None, "'delay'"),  # out of range
+    ({"retry_interval": [1, 1e12]}, None, "at most 100 years"),
     ({}, {"retryCount": -2}, "'retryCount'"),
     ({"tombstone_timeout": 0}, None, "'tombstone_timeout'"),
     ({"retry_interval": "soon"}, None, "'retry_interval'"),
