@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from typing import Any
 
 import psutil
 import redis
+
+from kickq_celery.testing import stop_process_group
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,13 +63,7 @@ def celery_worker(env: dict[str, str], concurrency: int = 2,
         time.sleep(1.0)  # let it connect and start consuming
         yield main
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        stop_process_group(proc, 30)
 
 
 def rss_mb(process: psutil.Process) -> float:

@@ -25,6 +25,8 @@ Also :func:`wait_for`, a bounded wait for a condition.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -53,6 +55,18 @@ def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+def stop_process_group(proc: subprocess.Popen[Any], timeout: float = 20) -> None:
+    """Stop a process started with ``start_new_session=True`` (a `celery worker` and its
+    pool): SIGTERM to the group for a warm shutdown, SIGKILL if it is not over in time."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
 
 
 def purge_namespace(kq: Kickq) -> int:

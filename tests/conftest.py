@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 
-from kickq_celery.testing import wait_for
+from kickq_celery.testing import stop_process_group, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,13 +45,7 @@ class WorkerProcess:
         self._out.close()
 
     def stop(self, timeout: float = 20) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_process_group(self.proc, timeout)
         self._out.close()
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 
 pytest.importorskip("django", reason="Django is in the dev extra")
 
-from kickq_celery.testing import wait_for  # noqa: E402
+from kickq_celery.testing import stop_process_group, wait_for  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 
 PROJECT = ROOT / "examples" / "django_project"
@@ -92,10 +91,4 @@ def test_celery_worker_of_the_project_runs_a_job_created_by_a_view(kickq, kickq_
         assert (record.flags["retry_count"], record.flags["retry_interval"]) == (2, 0.2)
         assert record.result == "welcome email sent to eve@example.com (run 2)"
     finally:
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait(10)
+        stop_process_group(worker)

@@ -32,8 +32,9 @@ end
 local deadline = t + tonumber(ARGV[5])
 local fields = {'state', 'processing', 'token', ARGV[4], 'started_at', ts, 'updated_at', ts}
 if f[5] and f[5] ~= '' then
-  deadline = math.min(deadline, t + tonumber(f[5]))
-  fields[9], fields[10] = 'deadline_cap', fmt(t + tonumber(f[5]))
+  local cap = t + tonumber(f[5])
+  deadline = math.min(deadline, cap)
+  fields[9], fields[10] = 'deadline_cap', fmt(cap)
 end
 if not f[7] then sample(P .. 'wtimes:' .. name, fmt(t - tonumber(f[6]))) end
 redis.call('HSET', key, unpack(fields))
