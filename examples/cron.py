@@ -16,7 +16,7 @@ import time
 from celery import Celery
 
 from kickq_celery import Kickq
-from kickq_celery.testing import purge_namespace, worker
+from kickq_celery.harness import purge_namespace, worker
 
 url = os.environ.get("KICKQ_REDIS_URL", "redis://127.0.0.1:6379/0")
 app = Celery("cron-example", broker=url)

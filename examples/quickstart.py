@@ -14,7 +14,7 @@ from celery import Celery
 
 from kickq_celery import JobFailed, Kickq
 from kickq_celery.embedded import redis_or_embedded
-from kickq_celery.testing import purge_namespace, wait_for, worker
+from kickq_celery.harness import purge_namespace, wait_for, worker
 
 url = os.environ.get("KICKQ_REDIS_URL", "redis://127.0.0.1:6379/0")
 target = redis_or_embedded(url)

@@ -15,7 +15,7 @@ import time
 from celery import Celery
 
 from kickq_celery import JobDeleted, JobFailed, Kickq, TombstoneTimeout
-from kickq_celery.testing import purge_namespace, worker
+from kickq_celery.harness import purge_namespace, worker
 
 url = os.environ.get("KICKQ_REDIS_URL", "redis://127.0.0.1:6379/0")
 namespace = os.environ.get("KICKQ_NAMESPACE", "example-tombstone")

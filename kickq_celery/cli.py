@@ -273,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _app_kickq(app: Celery, redis_url: str | None, namespace: str | None) -> Kickq:
-    from .client import Kickq, instances
+    from .client import Kickq
+    from .registry import instances
 
     app.loader.import_default_modules()  # like `celery worker`: modules may create Kickq instances
     if redis_url is None:

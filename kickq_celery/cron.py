@@ -2,8 +2,9 @@
 
 croniter parses the expressions: five fields, or six with seconds last.
 Every worker looks at the latest tick of each schedule; one atomic claim per
-tick makes exactly one worker create its job. Ticks missed while no worker
-ran are skipped: only the latest one fires, and only while it is recent.
+tick makes exactly one worker create its job (``worker.loops.fire_due``).
+Ticks missed while no worker ran are skipped: only the latest one fires, and
+only while it is recent.
 Ticks from before a schedule was created never fire.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -19,14 +19,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterError, croniter
 
-from .exceptions import InvalidJobOptions, RedisUnavailable
+from .connection import redis_errors, redis_now
+from .exceptions import InvalidJobOptions
+from .options import validate_flags
+from .plan import check_name, dumps
 from .records import from_timestamp
-from .store import redis_errors, redis_now
 
 if TYPE_CHECKING:
-    from .client import Kickq
-
-logger = logging.getLogger("kickq_celery")
+    from .store import JobStore
 
 #: A tick older than this when a worker first sees it is skipped.
 MISSED_TICK_GRACE = 60.0
@@ -61,39 +61,39 @@ def next_tick(expression: str, zone: ZoneInfo, now: float) -> float:
     return float(croniter(expression, datetime.fromtimestamp(now, tz=zone)).get_next(float))
 
 
-def schedule(kq: Kickq, name: str, cron: str, data: Any, opts: Any, tz: str) -> str:
-    from .client import _check_name, _dumps
-    from .options import validate_flags
-
-    _check_name(name)
+def schedule(store: JobStore, name: str, cron: str, data: Any, opts: Any, tz: str) -> str:
+    """Store a schedule (validated first); the same definition again gives the same key."""
+    check_name(name)
     check_cron(cron, tz)
     flags = validate_flags(opts or {})
     if callable(flags.get("retry_interval")):
         raise InvalidJobOptions("a schedule's retry_interval must be seconds or a list, not a callable")
     definition = {"name": name, "cron": cron, "tz": tz, "data": data, "opts": flags}
-    text = _dumps(definition, "schedule data")
+    text = dumps(definition, "schedule data")
     key = f"{name}:{hashlib.sha1(text.encode()).hexdigest()[:12]}"
-    with redis_errors(kq.redis):
+    client = store.client
+    with redis_errors(client):
         # "since": ticks before the schedule existed never fire; scheduling the same
         # definition again (same key) keeps the original
-        stored = json.dumps({**definition, "key": key, "since": redis_now(kq.redis)})
-        kq.redis.hsetnx(kq.keys.schedules, key, stored)
+        stored = json.dumps({**definition, "key": key, "since": redis_now(client)})
+        client.hsetnx(store.keys.schedules, key, stored)
     return key
 
 
-def unschedule(kq: Kickq, key: str) -> bool:
-    with redis_errors(kq.redis):
-        pipe = kq.redis.pipeline()
-        pipe.hdel(kq.keys.schedules, key)
-        pipe.hdel(kq.keys.schedule_ticks, key)
+def unschedule(store: JobStore, key: str) -> bool:
+    with redis_errors(store.client):
+        pipe = store.client.pipeline()
+        pipe.hdel(store.keys.schedules, key)
+        pipe.hdel(store.keys.schedule_ticks, key)
         return bool(pipe.execute()[0])
 
 
-def _definitions(kq: Kickq) -> tuple[list[dict[str, Any]], dict[str, float], float]:
-    with redis_errors(kq.redis):
-        pipe = kq.redis.pipeline(transaction=False)
-        pipe.hgetall(kq.keys.schedules)
-        pipe.hgetall(kq.keys.schedule_ticks)
+def definitions(store: JobStore) -> tuple[list[dict[str, Any]], dict[str, float], float]:
+    """Every schedule's definition, the last tick claimed of each, and the Redis clock."""
+    with redis_errors(store.client):
+        pipe = store.client.pipeline(transaction=False)
+        pipe.hgetall(store.keys.schedules)
+        pipe.hgetall(store.keys.schedule_ticks)
         pipe.time()
         defs, ticks, (sec, micros) = pipe.execute()
     parsed = [json.loads(v) for v in defs.values()]
@@ -101,8 +101,8 @@ def _definitions(kq: Kickq) -> tuple[list[dict[str, Any]], dict[str, float], flo
     return parsed, last, sec + micros / 1e6
 
 
-def schedules(kq: Kickq) -> list[dict[str, Any]]:
-    defs, last, now = _definitions(kq)
+def schedules(store: JobStore) -> list[dict[str, Any]]:
+    defs, last, now = definitions(store)
     listing = []
     for d in sorted(defs, key=lambda d: d["key"]):
         zone = ZoneInfo(d["tz"])
@@ -112,24 +112,3 @@ def schedules(kq: Kickq) -> list[dict[str, Any]]:
             "last_run": from_timestamp(last.get(d["key"])),
         })
     return listing
-
-
-def fire_due(kq: Kickq) -> int:
-    """Create the job of each schedule's latest tick, if this worker claims it."""
-    defs, last, now = _definitions(kq)
-    fired = 0
-    for d in defs:
-        try:
-            tick = latest_tick(d["cron"], ZoneInfo(d["tz"]), now)
-            if (tick <= last.get(d["key"], 0) or tick < d.get("since", 0)
-                    or now - tick > MISSED_TICK_GRACE):
-                continue
-            if kq.store.claim_tick(d["key"], tick):
-                kq.create(d["name"], d["data"], d["opts"])
-                fired += 1
-        except RedisUnavailable:
-            raise
-        except Exception:  # one broken schedule must not stop the others
-            logger.exception("kickq: schedule %s could not fire", d.get("key"))
-    return fired
-

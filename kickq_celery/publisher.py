@@ -27,17 +27,12 @@ import redis
 from celery import Celery
 from kombu.entity import Queue
 
+from .plan import Message
+
+__all__ = ["Message", "Publisher", "redis_broker_url"]
+
 #: The third element of a protocol-2 body: no callbacks, chain or chord.
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-
-
-@dataclass(frozen=True)
-class Message:
-    """One job's wake-up call: run ``attempt`` of ``job_id`` after ``countdown`` seconds."""
-
-    job_id: str
-    attempt: int
-    countdown: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from kickq_celery import InvalidJobData, InvalidJobOptions
-from kickq_celery.store import redis_now
+from kickq_celery.connection import redis_now
 from kickq_celery.testing import wait_for
 
 

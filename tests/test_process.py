@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from kickq_celery import Kickq, Run
+from kickq_celery.plan import Message
 from kickq_celery.testing import wait_for
 from tests.test_create import DATA, same
 
@@ -232,7 +233,8 @@ def test_a_message_that_comes_early_does_not_start_the_job_early(kickq, kickq_wo
     kickq_worker()
     jobs = {early_by: kickq.create("due", early_by, delay=delay) for early_by in (0.5, delay)}
     for early_by, job in jobs.items():
-        kickq._publish("due", job.id, 1, delay - early_by, None)
+        kickq.publisher.publish(kickq.queue("due"), kickq.task_name("due"), None,
+                                [Message(job.id, 1, delay - early_by)])
     for job in jobs.values():
         record = finished(kickq, job.id)
         assert [run.state for run in record.runs] == ["success"]
@@ -246,7 +248,7 @@ def test_a_message_that_comes_early_does_not_start_the_job_early(kickq, kickq_wo
 def test_duplicate_message_runs_the_handler_once(kickq, kickq_namespace, worker_process):
     job = kickq.create("record", {"once": True})
     # the same job's message delivered again: re-published the way kickq does, and by hand
-    kickq._publish("record", job.id, 1, 0, None)
+    kickq.publisher.publish(kickq.queue("record"), kickq.task_name("record"), None, [Message(job.id, 1)])
     kickq.app.send_task(kickq.task_name("record"), args=(job.id, 1), task_id=job.id,
                         queue=kickq.queue("record"))
     assert kickq.redis.llen(kickq.task_name("record")) == 3

@@ -11,6 +11,7 @@ import pytest
 
 from kickq_celery import JobNotFound, Kickq, testing
 from kickq_celery.testing import purge_namespace, wait_for
+from kickq_celery.worker.loops import redelivery_grace
 from tests.conftest import listed
 
 
@@ -181,8 +182,8 @@ def test_lost_message_is_published_again(kickq_app, kickq_namespace, kickq_redis
         assert kq.get("lost-1").state == "queued"
         with testing.worker(kickq_app):
             record = wait_for(lambda: kq.get("lost-1").complete and kq.get("lost-1"),
-                              timeout=kq.redelivery_grace + 10, message="the lost job to run")
-            time.sleep(kq.redelivery_grace)  # a later sweep must not run it again
+                              timeout=redelivery_grace(kq) + 10, message="the lost job to run")
+            time.sleep(redelivery_grace(kq))  # a later sweep must not run it again
         assert record.state == "success" and record.result == "x"
         assert runs == ["lost-1"]
         assert len(kq.get("lost-1").runs) == 1

@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from .records import Job, from_timestamp
+from ..records import Job, from_timestamp
+from .heartbeat import heartbeat
+from .loops import after_run
 
 if TYPE_CHECKING:
-    from .client import Handler, Kickq
-    from .store import JobStore
+    from ..client import Kickq
+
+Handler = Callable[[Job], Any]
 
 logger = logging.getLogger("kickq_celery")
 
@@ -59,7 +61,7 @@ class KickqTask(Task):  # type: ignore[misc]
                                      options["purge_timeout"] if options["purge_jobs"] else 0)
         finally:
             heartbeat.release(job_id)
-        kq.after_run(ended, result)
+        after_run(kq, ended, result)
 
     def _call_handler(self, job: Job) -> tuple[str, str, Any]:
         try:
@@ -91,52 +93,3 @@ def register_task(kq: Kickq, name: str, handler: Handler) -> KickqTask:
     else:
         queues.add(queue)
     return task
-
-
-class Heartbeat:
-    """Renews the heartbeat locks of the runs this process holds.
-
-    One daemon thread per process (re-created after a fork), so prefork,
-    threads and solo pools all keep their locks alive while a handler runs.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._runs: dict[str, tuple[JobStore, float, str]] = {}
-        self._pid = 0
-        self._wake = threading.Event()
-
-    def hold(self, store: JobStore, lock_timeout: float, job_id: str, token: str) -> None:
-        with self._lock:
-            self._runs[job_id] = (store, lock_timeout, token)
-            if self._pid != os.getpid():
-                self._pid = os.getpid()
-                self._wake = threading.Event()
-                threading.Thread(target=self._loop, name="kickq-heartbeat", daemon=True).start()
-
-    def release(self, job_id: str) -> None:
-        with self._lock:
-            self._runs.pop(job_id, None)
-
-    def _loop(self) -> None:
-        while True:
-            with self._lock:
-                runs = dict(self._runs)
-            interval = min((timeout for _, timeout, _ in runs.values()), default=3.0) / 3
-            groups: dict[tuple[int, float], list[tuple[str, str]]] = {}
-            stores: dict[int, JobStore] = {}
-            for job_id, (store, timeout, token) in runs.items():
-                groups.setdefault((id(store), timeout), []).append((job_id, token))
-                stores[id(store)] = store
-            for (store_id, timeout), held in groups.items():
-                try:
-                    lost = stores[store_id].heartbeat(timeout, held)
-                    if lost:
-                        logger.debug("kickq: no longer holding %s (finished, reaped or deleted)", lost)
-                except Exception:  # keep beating; the reaper decides if we are too late
-                    logger.exception("kickq: heartbeat failed")
-            self._wake.wait(max(interval, 0.05))
-            time.sleep(0)
-
-
-heartbeat = Heartbeat()

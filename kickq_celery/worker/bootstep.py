@@ -1,8 +1,4 @@
-"""The worker bootstep: promoter, reaper and cron loops in every worker.
-
-Leaderless: every worker runs the loops; each step is one atomic claim in
-Redis, so running them in many workers at once never does anything twice.
-"""
+"""The worker step: runs the maintenance loops (:mod:`.loops`) in every worker."""
 
 from __future__ import annotations
 
@@ -13,31 +9,15 @@ from typing import Any
 
 from celery import bootsteps
 
-# Imported here, in the main thread, never lazily in the loop thread: croniter's import
-# runs a subprocess (platform.architecture), and a prefork pool forking meanwhile
-# inherits its pipe, which then blocks the loop thread until that pool process exits.
-from .cron import fire_due
+from ..registry import instances
+
+# loops imports cron, and so croniter, here in the main thread, never lazily in the loop
+# thread: croniter's import runs a subprocess (platform.architecture), and a prefork pool
+# forking meanwhile inherits its pipe, which then blocks the loop thread until that pool
+# process exits.
+from .loops import redelivery_grace, tick
 
 logger = logging.getLogger("kickq_celery")
-
-
-def tick(kq: Any, redeliver: bool = False) -> None:
-    """One pass of the loops for one Kickq instance (and of the redelivery sweep if asked)."""
-    options = kq.options
-    purge = options["purge_timeout"] if options["purge_jobs"] else 0
-    kq.promote()
-    while True:
-        reaped = kq.store.reap(purge)
-        for ended in reaped:
-            logger.warning("kickq: run of job %s lost its heartbeat -> %s", ended.job_id, ended.verdict)
-            kq.after_run(ended)
-        if len(reaped) < 100:
-            break
-    fire_due(kq)
-    if redeliver:
-        sent = kq.redeliver()
-        if sent:
-            logger.warning("kickq: published the messages of %d overdue job(s) again", sent)
 
 
 class KickqStep(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -57,8 +37,6 @@ class KickqStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def _scopes(self) -> list[Any]:
         """One Kickq instance per (Redis, namespace) in use by the app."""
-        from .client import instances
-
         seen: dict[Any, Any] = {}
         for kq in instances(self.app):
             seen.setdefault(kq.scope, kq)
@@ -78,7 +56,7 @@ class KickqStep(bootsteps.StartStopStep):  # type: ignore[misc]
             interval = min((kq.options["poll_interval"] for kq in scopes), default=0.5)
             for kq in scopes:
                 # the redelivery sweep is rarer: jobs are only overdue after a grace period
-                sweep = time.monotonic() - self._swept.get(kq.scope, 0.0) >= kq.redelivery_grace / 2
+                sweep = time.monotonic() - self._swept.get(kq.scope, 0.0) >= redelivery_grace(kq) / 2
                 try:
                     tick(kq, sweep)
                     if sweep:

@@ -1,0 +1,188 @@
+"""The Lua scripts as data: their sources, the arguments of each call, and its reply parsed.
+
+No I/O here: :class:`~kickq_celery.store.JobStore` sends a :class:`Call` and hands
+the reply to its ``parse``, so every client of the scripts (sync today, asyncio
+later) shares one definition of each transition.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Generic, TypeVar
+
+from .keys import FINAL_STATES
+from .records import Run
+
+T = TypeVar("T")
+
+_LIB = resources.files(__package__).joinpath("lua/lib.lua").read_text()
+
+NAMES = ("create", "start", "finish", "reap", "heartbeat", "delete", "promote", "unpark", "tick",
+         "overdue", "limit")
+#: Each script with the shared helpers (lua/lib.lua) prepended.
+SOURCES = {name: _LIB + resources.files(__package__).joinpath(f"lua/{name}.lua").read_text()
+           for name in NAMES}
+
+
+def text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _opt(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """One script call: ARGV after the namespace prefix, and how to read the reply."""
+
+    script: str
+    args: tuple[Any, ...]
+    parse: Callable[[Any], T]
+
+
+# --- replies -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Started:
+    """The reply of the run guard."""
+
+    status: str  # run | gone | skip | wait | early
+    data: Any = None
+    runs: tuple[Run, ...] = ()
+    created_at: float = 0.0
+    started_at: float = 0.0
+    wait: float = 0.0  # early: seconds until the job is due
+
+    @classmethod
+    def parse(cls, reply: Sequence[Any]) -> Started:
+        status = text(reply[0])
+        if status == "early":
+            return cls(status, wait=float(reply[1]))
+        if status != "run":
+            return cls(status)
+        runs = tuple(Run.from_dict(run) for run in json.loads(reply[2]))
+        return cls(status, json.loads(reply[1]), runs, float(reply[3]), float(reply[4]))
+
+
+@dataclass(frozen=True)
+class Ended:
+    """What a finished (or reaped) run led to."""
+
+    job_id: str
+    verdict: str  # success | fail | retry | ghost | deleted | stale
+    released: str | None = None
+    due_in: float = 0.0
+    tombstone: bool = False
+    attempt: int = 0
+    last_error: str = ""
+
+    @property
+    def final(self) -> bool:
+        return self.verdict in FINAL_STATES
+
+    @classmethod
+    def parse(cls, job_id: str, reply: Sequence[Any]) -> Ended:
+        if text(reply[0]) == "stale":
+            return cls(job_id, "stale")
+        verdict, released, due_in, tombstone, attempt, error = (
+            None if item is None else text(item) for item in reply)
+        return cls(job_id, verdict or "", released, float(due_in or 0), tombstone == "1",
+                   int(attempt or 0), error or "")
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A waiting job whose message is to be published (claimed by a promoter, or overdue)."""
+
+    job_id: str
+    name: str
+    attempt: int
+    countdown: float
+    lease_until: str
+    process_timeout: float | None
+
+
+@dataclass(frozen=True)
+class Deleted:
+    """The reply of delete: 0 unknown | 1 deleted | 2 marked while running."""
+
+    status: int
+    tombstone: bool = False
+    final: bool = False
+
+    @classmethod
+    def parse(cls, reply: Sequence[Any]) -> Deleted:
+        if not reply[0]:
+            return cls(0)
+        return cls(int(reply[0]), text(reply[1]) == "1", bool(reply[2]))
+
+
+def _claims(reply: Sequence[Any]) -> list[Claimed]:
+    return [Claimed(text(r[0]), text(r[1]), int(r[2]), float(r[3]), text(r[4]),
+                    float(r[5]) if r[5] else None) for r in reply]
+
+
+def _overdue(reply: Sequence[Any]) -> list[Claimed]:
+    return [Claimed(text(r[0]), text(r[1]), int(r[2]), 0.0, "", float(r[3]) if r[3] else None)
+            for r in reply]
+
+
+# --- calls -------------------------------------------------------------------
+
+
+def create(name: str, flags_json: str, process_timeout: float | None, tombstone: bool, delay: float,
+           park: bool, jobs: Sequence[tuple[str, str]]) -> Call[float]:
+    """Write job records (id, data_json pairs); replies the creation time (Redis clock)."""
+    pairs = [item for job in jobs for item in job]
+    return Call("create", (name, flags_json, _opt(process_timeout), int(tombstone), delay, int(park),
+                           *pairs), float)
+
+
+def start(job_id: str, attempt: int, token: str, lock_timeout: float) -> Call[Started]:
+    return Call("start", (job_id, attempt, token, lock_timeout), Started.parse)
+
+
+def finish(job_id: str, token: str, outcome: str, payload: str, purge: float) -> Call[Ended]:
+    return Call("finish", (job_id, token, outcome, payload, purge), lambda r: Ended.parse(job_id, r))
+
+
+def reap(purge: float, limit: int = 100) -> Call[list[Ended]]:
+    return Call("reap", (purge, limit), lambda reply: [Ended.parse(text(r[0]), r[1:]) for r in reply])
+
+
+def heartbeat(lock_timeout: float, runs: Sequence[tuple[str, str]]) -> Call[list[str]]:
+    """Renew the locks of (id, token) runs; replies the ids no longer held."""
+    pairs = [item for run in runs for item in run]
+    return Call("heartbeat", (lock_timeout, *pairs), lambda reply: [text(i) for i in reply])
+
+
+def delete(job_id: str) -> Call[Deleted]:
+    return Call("delete", (job_id,), Deleted.parse)
+
+
+def promote(horizon: float, lease: float, limit: int = 500) -> Call[list[Claimed]]:
+    return Call("promote", (horizon, lease, limit), _claims)
+
+
+def overdue(grace: float, limit: int = 500) -> Call[list[Claimed]]:
+    """Waiting jobs due for more than ``grace`` seconds that no promoter or slot holds."""
+    return Call("overdue", (grace, limit), _overdue)
+
+
+def unpark(claims: Sequence[Claimed]) -> Call[Any]:
+    return Call("unpark", tuple(x for c in claims for x in (c.job_id, c.lease_until)), lambda r: r)
+
+
+def tick(schedule_key: str, tick_at: float) -> Call[bool]:
+    """Claim a cron tick for this caller alone."""
+    return Call("tick", (schedule_key, repr(tick_at)), bool)
+
+
+def limit(name: str, max_jobs_num: int | None) -> Call[int]:
+    """Set (None: clear) a name's max_jobs_num; replies how many waiting jobs it woke."""
+    return Call("limit", (name, "" if max_jobs_num is None else max_jobs_num), int)
