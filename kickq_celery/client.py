@@ -16,7 +16,7 @@ from kombu.entity import Exchange, Queue
 
 from . import cron as crontab
 from . import plan, registry, settings
-from .connection import client_for, close_all, redis_errors, same_server
+from .connection import Client, client_for, close_all, redis_errors, same_server
 from .exceptions import ConfigError, InvalidJobOptions, JobDeleted, JobNotFound, KickqError
 from .keys import STATES, Keys
 from .plan import CreatePlan
@@ -99,12 +99,13 @@ class Kickq:
         options = self.options
         key = self.scope
         if self._store is None or self._store_key != key:
-            self._store = JobStore(client_for(options["redis"]), Keys(options["redis_namespace"]))
+            self._store = JobStore(client_for(options["redis"], options["redis_timeout"]),
+                                   Keys(options["redis_namespace"]))
             self._store_key = key
         return self._store
 
     @property
-    def redis(self) -> redis.Redis:
+    def redis(self) -> Client:
         """kickq's Redis client."""
         return self.store.client
 
@@ -118,7 +119,9 @@ class Kickq:
         """Publishes this app's job messages (directly on a Redis broker)."""
         if self._publisher is None:
             url = redis_broker_url(self.app)
-            self._publisher = Publisher(self.app, client_for(url) if url else None)
+            broker = client_for(url, self.options["redis_timeout"]) if url else None
+            assert broker is None or isinstance(broker, redis.Redis)  # a broker is never a Cluster
+            self._publisher = Publisher(self.app, broker)
         return self._publisher
 
     def task_name(self, name: str) -> str:

@@ -1,45 +1,116 @@
 """Redis clients from kickq's ``redis`` setting, and what every caller needs around them.
 
-One shared client (connection pool) per setting; connection failures become
-:class:`RedisUnavailable` with the address shown and any password hidden.
+One shared client (connection pool) per setting: a ``redis://``, ``rediss://`` or
+``unix://`` URL, ``redis+sentinel://`` (the primary of a Sentinel service, followed
+across failovers), ``redis+cluster://`` (a Redis Cluster), a dict of connection
+kwargs, or a client the user made. Every call waits at most ``redis_timeout`` for a
+reply; a dropped connection is retried with backoff (the scripts answer a call sent
+again as the first time), a stalled server is not. Connection failures become
+:class:`RedisUnavailable`, with the address shown and any password hidden.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from .exceptions import RedisUnavailable
+from .exceptions import ConfigError, RedisUnavailable
 
-_clients: dict[Any, redis.Redis] = {}
+logger = logging.getLogger("kickq_celery")
+
+#: what kickq's records live on: a plain (or Sentinel-managed) client, or a cluster client
+Client = redis.Redis | RedisCluster
+
+_clients: dict[Any, Client] = {}
 _clients_lock = threading.Lock()
 
 
-def client_for(setting: Any) -> redis.Redis:
+def _common(timeout: float) -> dict[str, Any]:
+    """Connection settings of every client kickq makes."""
+    return {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        # a dropped connection is retried (the scripts are safe to send twice); a timeout is
+        # not: a stalled server would otherwise hold the caller for retries x timeout
+        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), 5, supported_errors=(redis.ConnectionError,)),
+        "retry_on_error": [redis.ConnectionError],
+        "health_check_interval": 30,
+    }
+
+
+def _hosts(netloc: str, default_port: int) -> list[tuple[str, int]]:
+    hosts = []
+    for item in netloc.split(","):
+        host, _, port = item.strip().rpartition(":") if ":" in item else (item.strip(), "", "")
+        hosts.append((host or "localhost", int(port) if port else default_port))
+    return hosts
+
+
+def _split(url: str) -> tuple[str | None, str | None, str, list[str], dict[str, str]]:
+    """(username, password, hosts, path parts, query) of a multi-host URL."""
+    rest = url.split("://", 1)[1]
+    rest, _, query = rest.partition("?")
+    rest, _, path = rest.partition("/")
+    auth, _, netloc = rest.rpartition("@")
+    user, _, password = auth.partition(":")
+    return (unquote(user) or None, unquote(password) or None, netloc,
+            [part for part in path.split("/") if part], dict(parse_qsl(query)))
+
+
+def _sentinel_client(url: str, timeout: float) -> redis.Redis:
+    """``redis+sentinel://[[user]:password@]host:port[,host:port...]/service_name[/db]``."""
+    user, password, netloc, path, query = _split(url)
+    if not path:
+        raise ConfigError(f"a redis+sentinel:// URL names its service: {mask(url)}")
+    db = int(path[1]) if len(path) > 1 else 0
+    sentinel = Sentinel(_hosts(netloc, 26379),
+                        sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout},
+                        **_common(timeout))
+    extra = {"ssl": True} if query.get("ssl") in ("1", "true", "yes") else {}
+    client: redis.Redis = sentinel.master_for(path[0], db=db, username=user, password=password, **extra)
+    follow_failovers(client)
+    return client
+
+
+def _cluster_client(url: str, timeout: float) -> RedisCluster:
+    """``redis+cluster://[[user]:password@]host:port[,host:port...]``."""
+    user, password, netloc, _, _ = _split(url)
+    nodes = [ClusterNode(host, port) for host, port in _hosts(netloc, 6379)]
+    return RedisCluster(startup_nodes=nodes, username=user, password=password,
+                        socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+def client_for(setting: Any, timeout: float = 5.0) -> Client:
     """One shared client (connection pool) per Redis setting (URL, kwargs or client)."""
-    if isinstance(setting, redis.Redis):
+    if isinstance(setting, (redis.Redis, RedisCluster)):
+        follow_failovers(setting)
         return setting
-    key = setting if isinstance(setting, str) else json.dumps(setting, sort_keys=True, default=str)
+    text = setting if isinstance(setting, str) else json.dumps(setting, sort_keys=True, default=str)
+    key = (text, timeout)
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
-            kwargs: dict[str, Any] = {
-                "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), 5),
-                "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
-                "socket_connect_timeout": 2,
-                "health_check_interval": 30,
-            }
-            if isinstance(setting, str):
-                client = redis.Redis.from_url(setting, **kwargs)
+            if isinstance(setting, str) and setting.startswith("redis+sentinel://"):
+                client = _sentinel_client(setting, timeout)
+            elif isinstance(setting, str) and setting.startswith("redis+cluster://"):
+                client = _cluster_client(setting, timeout)
+            elif isinstance(setting, str):
+                client = redis.Redis.from_url(setting, **_common(timeout))
             else:
-                client = redis.Redis(**{**kwargs, **setting})
+                client = redis.Redis(**{**_common(timeout), **setting})
             _clients[key] = client
     return client
 
@@ -49,39 +120,151 @@ def close_all() -> None:
     with _clients_lock:
         for client in _clients.values():
             client.close()
-            client.connection_pool.disconnect()
+            if isinstance(client, redis.Redis):
+                client.connection_pool.disconnect()
         _clients.clear()
 
 
-def same_server(a: redis.Redis, b: redis.Redis) -> bool:
+# --- following a Sentinel failover ------------------------------------------------
+
+_followed: dict[int, SentinelConnectionPool] = {}
+_followed_lock = threading.Lock()
+
+
+def follow_failovers(client: Client) -> None:
+    """For a Sentinel-managed client: drop its connections to the old primary at
+    ``+switch-master``, instead of writing into a demoted primary until it turns read-only
+    (writes the resync then throws away). One listening thread per pool and process."""
+    pool = getattr(client, "connection_pool", None)
+    if not isinstance(pool, SentinelConnectionPool):
+        return
+    with _followed_lock:
+        if id(pool) in _followed:
+            return
+        _followed[id(pool)] = pool
+    _listen(pool)
+
+
+def _listen(pool: SentinelConnectionPool) -> None:
+    threading.Thread(target=_switches, args=(pool,), name="kickq-sentinel", daemon=True).start()
+
+
+def _switches(pool: SentinelConnectionPool) -> None:
+    while True:
+        for sentinel in pool.sentinel_manager.sentinels:
+            kwargs = sentinel.connection_pool.connection_kwargs
+            listener = redis.Redis(host=kwargs["host"], port=kwargs["port"],
+                                   socket_connect_timeout=kwargs.get("socket_connect_timeout"),
+                                   health_check_interval=10)
+            try:
+                pubsub = listener.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe("+switch-master")
+                while True:
+                    message = pubsub.get_message(timeout=1.0)
+                    if message and _text(message["data"]).split(" ", 1)[0] == pool.service_name:
+                        # asks the sentinels again and disconnects the idle connections; busy
+                        # ones are dropped when released (the pool owns only the primary's)
+                        pool.get_master_address()
+                        logger.warning("kickq: Sentinel service %s switched primary: %s",
+                                       pool.service_name, _text(message["data"]))
+            except Exception:  # this sentinel is away: listen to the next one
+                listener.close()
+        time.sleep(1.0)
+
+
+def _after_fork() -> None:
+    # the listening threads do not survive a fork (prefork pool processes use the clients too)
+    with _followed_lock:
+        pools = list(_followed.values())
+    for pool in pools:
+        _listen(pool)
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+# --- about a client -------------------------------------------------------------
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _kwargs(client: Client, key: str | None = None) -> dict[str, Any]:
+    if isinstance(client, RedisCluster):
+        node = client.get_node_from_key(key) if key else client.get_default_node()
+        return {"host": node.host, "port": node.port, **client.nodes_manager.connection_kwargs}
+    return client.connection_pool.connection_kwargs
+
+
+def same_server(a: Client, b: Client) -> bool:
     """Whether two clients talk to the same Redis server and database."""
     if a is b:
         return True
-    ka, kb = a.connection_pool.connection_kwargs, b.connection_pool.connection_kwargs
+    if isinstance(a, RedisCluster) or isinstance(b, RedisCluster):
+        return False
+    pa, pb = a.connection_pool, b.connection_pool
+    if isinstance(pa, SentinelConnectionPool) or isinstance(pb, SentinelConnectionPool):
+        return (isinstance(pa, SentinelConnectionPool) and isinstance(pb, SentinelConnectionPool)
+                and pa.service_name == pb.service_name
+                and pa.connection_kwargs.get("db") == pb.connection_kwargs.get("db"))
+    ka, kb = pa.connection_kwargs, pb.connection_kwargs
     return all(ka.get(k) == kb.get(k) for k in ("host", "port", "path", "db"))
 
 
-def backend_url(client: redis.Redis) -> str:
-    """A Celery result-backend URL for the server ``client`` talks to."""
-    kw = client.connection_pool.connection_kwargs
+def is_tls(client: Client) -> bool:
+    if isinstance(client, RedisCluster):
+        return bool(client.nodes_manager.connection_kwargs.get("ssl"))
+    return issubclass(client.connection_pool.connection_class, redis.SSLConnection)
+
+
+def backend_url(client: Client, key: str | None = None) -> str:
+    """A Celery result-backend URL for the server ``client`` talks to (on a Cluster: the
+    node holding ``key``)."""
+    kw = _kwargs(client, key)
     if "path" in kw:
         return f"redis+socket://{kw['path']}"
-    scheme = "rediss" if client.connection_pool.connection_class is redis.SSLConnection else "redis"
     auth = f"{kw.get('username') or ''}:{kw['password']}@" if kw.get("password") else ""
+    pool = getattr(client, "connection_pool", None)
+    if isinstance(pool, SentinelConnectionPool):
+        hosts = ";".join(f"sentinel://{auth}{s.connection_pool.connection_kwargs['host']}:"
+                         f"{s.connection_pool.connection_kwargs['port']}"
+                         for s in pool.sentinel_manager.sentinels)
+        return f"{hosts}/{kw.get('db', 0)}"
+    scheme = "rediss" if is_tls(client) else "redis"
     return f"{scheme}://{auth}{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
 
 
-def masked_url(client: redis.Redis) -> str:
+def masked_url(client: Client) -> str:
     """The client's address with any password hidden, for error messages."""
-    kwargs = client.connection_pool.connection_kwargs
+    pool = getattr(client, "connection_pool", None)
+    kwargs = _kwargs(client)
+    auth = ":***@" if kwargs.get("password") else ""
+    if isinstance(pool, SentinelConnectionPool):
+        hosts = ",".join(f"{s.connection_pool.connection_kwargs['host']}:"
+                         f"{s.connection_pool.connection_kwargs['port']}"
+                         for s in pool.sentinel_manager.sentinels)
+        return f"redis+sentinel://{auth}{hosts}/{pool.service_name}/{kwargs.get('db', 0)}"
+    if isinstance(client, RedisCluster):
+        hosts = ",".join(f"{n.host}:{n.port}" for n in client.get_primaries())
+        return f"redis+cluster://{auth}{hosts}"
     if "path" in kwargs:
         return f"unix://{kwargs['path']}"
-    auth = ":***@" if kwargs.get("password") else ""
-    return f"redis://{auth}{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+    scheme = "rediss" if is_tls(client) else "redis"
+    host, port, db = kwargs.get("host", "localhost"), kwargs.get("port", 6379), kwargs.get("db", 0)
+    return f"{scheme}://{auth}{host}:{port}/{db}"
+
+
+def mask(url: str) -> str:
+    """A URL with its password hidden."""
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@", 1)
+    return url
 
 
 @contextmanager
-def redis_errors(client: redis.Redis) -> Iterator[None]:
+def redis_errors(client: Client) -> Iterator[None]:
     """Turn redis-py connection failures into :class:`RedisUnavailable`."""
     try:
         yield
@@ -89,7 +272,11 @@ def redis_errors(client: redis.Redis) -> Iterator[None]:
         raise RedisUnavailable(f"kickq cannot reach Redis at {masked_url(client)}: {exc}") from exc
 
 
-def redis_now(client: redis.Redis) -> float:
-    """The Redis server's clock, in epoch seconds."""
-    seconds, micros = client.time()
-    return seconds + micros / 1e6
+def redis_now(client: Client, key: str | None = None) -> float:
+    """The Redis server's clock, in epoch seconds (on a cluster, of the node holding ``key``)."""
+    if isinstance(client, RedisCluster):
+        node = client.get_node_from_key(key) if key else client.get_default_node()
+        seconds, micros = client.time(target_nodes=node)
+    else:
+        seconds, micros = client.time()
+    return float(seconds + micros / 1e6)

@@ -75,14 +75,14 @@ def schedule(store: JobStore, name: str, cron: str, data: Any, opts: Any, tz: st
     with redis_errors(client):
         # "since": ticks before the schedule existed never fire; scheduling the same
         # definition again (same key) keeps the original
-        stored = json.dumps({**definition, "key": key, "since": redis_now(client)})
+        stored = json.dumps({**definition, "key": key, "since": redis_now(client, store.keys.schedules)})
         client.hsetnx(store.keys.schedules, key, stored)
     return key
 
 
 def unschedule(store: JobStore, key: str) -> bool:
     with redis_errors(store.client):
-        pipe = store.client.pipeline()
+        pipe = store.client.pipeline(transaction=False)
         pipe.hdel(store.keys.schedules, key)
         pipe.hdel(store.keys.schedule_ticks, key)
         return bool(pipe.execute()[0])
@@ -94,11 +94,11 @@ def definitions(store: JobStore) -> tuple[list[dict[str, Any]], dict[str, float]
         pipe = store.client.pipeline(transaction=False)
         pipe.hgetall(store.keys.schedules)
         pipe.hgetall(store.keys.schedule_ticks)
-        pipe.time()
-        defs, ticks, (sec, micros) = pipe.execute()
+        defs, ticks = pipe.execute()
+        now = redis_now(store.client, store.keys.schedules)
     parsed = [json.loads(v) for v in defs.values()]
     last = {k.decode() if isinstance(k, bytes) else k: float(v) for k, v in ticks.items()}
-    return parsed, last, sec + micros / 1e6
+    return parsed, last, now
 
 
 def schedules(store: JobStore) -> list[dict[str, Any]]:

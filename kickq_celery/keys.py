@@ -42,6 +42,15 @@ class Keys:
         return f"{self.prefix}delayed"
 
     @property
+    def wake(self) -> str:
+        """List: a wake-up for a sleeping promoter (a job parked due sooner than the rest)."""
+        return f"{self.prefix}wake"
+
+    def call(self, call_id: str) -> str:
+        """String: the reply of a script call, for two minutes, should the call be sent again."""
+        return f"{self.prefix}call:{call_id}"
+
+    @property
     def active(self) -> str:
         """Sorted set: running job ids by heartbeat-lock deadline."""
         return f"{self.prefix}active"

@@ -93,18 +93,22 @@ def _namespace(value: Any) -> str:
     return value
 
 
+URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
+
+
 def _redis(value: Any) -> Any:
     if value is None or isinstance(value, Mapping):
         return dict(value) if value is not None else None
     if isinstance(value, str):
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("expected a redis://, rediss:// or unix:// URL")
+        if not value.startswith(URL_SCHEMES):
+            raise ValueError(f"expected a URL starting with {', '.join(URL_SCHEMES)}")
         return value
     import redis
+    from redis.cluster import RedisCluster
 
-    if isinstance(value, redis.Redis):
+    if isinstance(value, (redis.Redis, RedisCluster)):
         return value
-    raise TypeError("expected a URL, a redis.Redis client or a dict of connection kwargs")
+    raise TypeError("expected a URL, a redis.Redis or RedisCluster client, or a dict of connection kwargs")
 
 
 def _job_flags(value: Any) -> dict[str, dict[str, Any]]:
@@ -139,6 +143,7 @@ OPTIONS: dict[str, Option] = {
     option.name: option
     for option in (
         Option("redis", None, _redis),
+        Option("redis_timeout", 5.0, _positive_seconds),
         Option("redis_namespace", "kickq", _namespace),
         Option("job_flags", {}, _job_flags),
         Option("delay", None, _optional_seconds, per_job=True),
@@ -156,7 +161,7 @@ OPTIONS: dict[str, Option] = {
         # kickq_celery additions (not in kickq for Node): worker timing.
         Option("poll_interval", 0.5, _positive_seconds),
         Option("lock_timeout", 30.0, _positive_seconds),
-        Option("delay_horizon", 5.0, seconds),
+        Option("delay_horizon", 0.0, seconds),
     )
 }
 FLAG_NAMES = tuple(name for name, option in OPTIONS.items() if option.per_job)

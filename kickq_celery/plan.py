@@ -109,6 +109,11 @@ class CreatePlan:
         return scripts.create(self.name, json.dumps(self.flags), self.process_timeout, self.tombstone,
                               self.delay, self.park, self.jobs)
 
+    def tick_call(self, schedule_key: str, tick_at: float) -> scripts.Call[bool]:
+        """The call that claims a cron tick and creates this (one) job with it."""
+        return scripts.tick(schedule_key, tick_at, self.name, json.dumps(self.flags), self.process_timeout,
+                            self.tombstone, self.jobs[0])
+
     @property
     def messages(self) -> list[Message]:
         """The messages to publish now (none when parked)."""

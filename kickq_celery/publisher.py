@@ -28,6 +28,7 @@ from celery import Celery
 from kombu.entity import Queue
 
 from .plan import Message
+from .settings import broker_redis
 
 __all__ = ["Message", "Publisher", "redis_broker_url"]
 
@@ -42,16 +43,15 @@ class _Template:
 
 
 def redis_broker_url(app: Celery) -> str | None:
-    """The broker as a redis-py URL, when it is a plain Redis (no key prefix)."""
+    """The broker as a kickq ``redis`` URL, when it is one Redis (or a Sentinel service)
+    whose lists kombu keeps without a key prefix."""
     url = app.conf.broker_url
     transport = app.conf.broker_transport_options or {}
-    if not isinstance(url, str) or ";" in url or transport.get("global_keyprefix"):
+    if not isinstance(url, str) or transport.get("global_keyprefix"):
         return None
-    if url.startswith(("redis://", "rediss://")):
-        return url
-    if url.startswith("redis+socket://"):
-        return "unix://" + url[len("redis+socket://"):]
-    return None
+    if ";" in url and not url.startswith("sentinel://"):
+        return None  # a fail-over list of brokers: kombu picks one
+    return broker_redis(app.conf)
 
 
 class Publisher:

@@ -8,6 +8,7 @@ later) shares one definition of each transition.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -27,6 +28,11 @@ SOURCES = {name: _LIB + resources.files(__package__).joinpath(f"lua/{name}.lua")
            for name in NAMES}
 
 
+def call_id() -> str:
+    """A fresh id for a call that must not be applied twice (see ``replayed`` in lua/lib.lua)."""
+    return uuid.uuid4().hex
+
+
 def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -37,7 +43,7 @@ def _opt(value: float | None) -> str:
 
 @dataclass(frozen=True)
 class Call(Generic[T]):
-    """One script call: ARGV after the namespace prefix, and how to read the reply."""
+    """One script call: its ARGV (the namespace prefix is its one key), and how to read the reply."""
 
     script: str
     args: tuple[Any, ...]
@@ -122,9 +128,10 @@ class Deleted:
         return cls(int(reply[0]), text(reply[1]) == "1", bool(reply[2]))
 
 
-def _claims(reply: Sequence[Any]) -> list[Claimed]:
-    return [Claimed(text(r[0]), text(r[1]), int(r[2]), float(r[3]), text(r[4]),
-                    float(r[5]) if r[5] else None) for r in reply]
+def _promoted(reply: Sequence[Any]) -> tuple[list[Claimed], float | None]:
+    claims = [Claimed(text(r[0]), text(r[1]), int(r[2]), float(r[3]), text(r[4]),
+                      float(r[5]) if r[5] else None) for r in reply[0]]
+    return claims, float(reply[1]) if reply[1] else None
 
 
 def _overdue(reply: Sequence[Any]) -> list[Claimed]:
@@ -152,7 +159,8 @@ def finish(job_id: str, token: str, outcome: str, payload: str, purge: float) ->
 
 
 def reap(purge: float, limit: int = 100) -> Call[list[Ended]]:
-    return Call("reap", (purge, limit), lambda reply: [Ended.parse(text(r[0]), r[1:]) for r in reply])
+    return Call("reap", (call_id(), purge, limit),
+                lambda reply: [Ended.parse(text(r[0]), r[1:]) for r in reply])
 
 
 def heartbeat(lock_timeout: float, runs: Sequence[tuple[str, str]]) -> Call[list[str]]:
@@ -162,11 +170,12 @@ def heartbeat(lock_timeout: float, runs: Sequence[tuple[str, str]]) -> Call[list
 
 
 def delete(job_id: str) -> Call[Deleted]:
-    return Call("delete", (job_id,), Deleted.parse)
+    return Call("delete", (call_id(), job_id), Deleted.parse)
 
 
-def promote(horizon: float, lease: float, limit: int = 500) -> Call[list[Claimed]]:
-    return Call("promote", (horizon, lease, limit), _claims)
+def promote(horizon: float, lease: float, limit: int = 500) -> Call[tuple[list[Claimed], float | None]]:
+    """Claim parked jobs due within ``horizon``; replies them, and how soon the next one is due."""
+    return Call("promote", (call_id(), horizon, lease, limit), _promoted)
 
 
 def overdue(grace: float, limit: int = 500) -> Call[list[Claimed]]:
@@ -178,11 +187,13 @@ def unpark(claims: Sequence[Claimed]) -> Call[Any]:
     return Call("unpark", tuple(x for c in claims for x in (c.job_id, c.lease_until)), lambda r: r)
 
 
-def tick(schedule_key: str, tick_at: float) -> Call[bool]:
-    """Claim a cron tick for this caller alone."""
-    return Call("tick", (schedule_key, repr(tick_at)), bool)
+def tick(schedule_key: str, tick_at: float, name: str, flags_json: str, process_timeout: float | None,
+         tombstone: bool, job: tuple[str, str]) -> Call[bool]:
+    """Claim a cron tick for this caller alone and create its job (id, data_json), parked as due."""
+    return Call("tick", (call_id(), schedule_key, repr(tick_at), name, flags_json, _opt(process_timeout),
+                         int(tombstone), *job), bool)
 
 
 def limit(name: str, max_jobs_num: int | None) -> Call[int]:
     """Set (None: clear) a name's max_jobs_num; replies how many waiting jobs it woke."""
-    return Call("limit", (name, "" if max_jobs_num is None else max_jobs_num), int)
+    return Call("limit", (call_id(), name, "" if max_jobs_num is None else max_jobs_num), int)

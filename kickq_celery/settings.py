@@ -55,6 +55,33 @@ def snapshot() -> dict[str, Any]:
     return opts.layer(_config)
 
 
+def broker_redis(conf: Any) -> str | None:
+    """The Celery broker as a kickq ``redis`` URL, when it is a Redis (a Sentinel service too)."""
+    broker = conf.broker_url
+    if not isinstance(broker, str):
+        return None
+    if broker.startswith(("redis://", "rediss://")):
+        return broker
+    if broker.startswith("redis+socket://"):
+        return "unix://" + broker[len("redis+socket://"):]
+    if broker.startswith("sentinel://"):
+        service = (conf.broker_transport_options or {}).get("master_name")
+        if not service:
+            return None
+        # kombu: "sentinel://[:password@]host:port[;sentinel://host:port...][/db]"
+        urls = [part.strip() for part in broker.split(";") if part.strip()]
+        auth, hosts, db = "", [], "0"
+        for url in urls:
+            rest = url.split("://", 1)[1]
+            rest, _, path = rest.partition("/")
+            db = path or db
+            creds, _, hostport = rest.rpartition("@")
+            auth = auth or (creds + "@" if creds else "")
+            hosts.append(hostport)
+        return f"redis+sentinel://{auth}{','.join(hosts)}/{service}/{db}"
+    return None
+
+
 class InstanceOptions:
     """The options of one Kickq instance, re-resolved when the global config changes."""
 
@@ -69,8 +96,6 @@ class InstanceOptions:
             version = _version
             layered = opts.layer(opts.app_options(self.app), _config, self.overrides)
             if layered["redis"] is None:
-                broker = self.app.conf.broker_url or ""
-                is_redis = isinstance(broker, str) and broker.startswith(("redis://", "rediss://"))
-                layered["redis"] = broker if is_redis else "redis://localhost:6379/0"
+                layered["redis"] = broker_redis(self.app.conf) or "redis://localhost:6379/0"
             self._resolved, self._version = layered, version
         return self._resolved

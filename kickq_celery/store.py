@@ -9,10 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-import redis
-
 from . import scripts
-from .connection import redis_errors, redis_now
+from .connection import Client, redis_errors, redis_now
 from .keys import FINAL_STATES, STATES, Keys
 from .records import JobRecord
 from .scripts import Call, Claimed, Deleted, Ended, Started, text
@@ -23,7 +21,7 @@ T = TypeVar("T")
 class JobStore:
     """Job records of one namespace on one Redis."""
 
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+    def __init__(self, client: Client, keys: Keys) -> None:
         self.client = client
         self.keys = keys
         self._scripts = {name: client.register_script(src) for name, src in scripts.SOURCES.items()}
@@ -31,12 +29,12 @@ class JobStore:
     def run(self, call: Call[T]) -> T:
         """Send one script call and parse its reply."""
         with redis_errors(self.client):
-            reply = self._scripts[call.script](args=[self.keys.prefix, *call.args])
+            reply = self._scripts[call.script](keys=[self.keys.prefix], args=call.args)
         return call.parse(reply)
 
     def queue(self, call: Call[Any], pipe: Any) -> None:
         """Queue a script call on a pipeline (its reply is ``call.parse(pipe.execute()[i])``)."""
-        self._scripts[call.script](args=[self.keys.prefix, *call.args], client=pipe)
+        self._scripts[call.script](keys=[self.keys.prefix], args=call.args, client=pipe)
 
     # --- transitions -------------------------------------------------------
 
@@ -60,7 +58,7 @@ class JobStore:
     def delete(self, job_id: str) -> Deleted:
         return self.run(scripts.delete(job_id))
 
-    def promote(self, horizon: float, lease: float, limit: int = 500) -> list[Claimed]:
+    def promote(self, horizon: float, lease: float, limit: int = 500) -> tuple[list[Claimed], float | None]:
         return self.run(scripts.promote(horizon, lease, limit))
 
     def overdue(self, grace: float, limit: int = 500) -> list[Claimed]:
@@ -69,9 +67,6 @@ class JobStore:
     def unpark(self, claims: Sequence[Claimed]) -> None:
         if claims:
             self.run(scripts.unpark(claims))
-
-    def claim_tick(self, schedule_key: str, tick: float) -> bool:
-        return self.run(scripts.tick(schedule_key, tick))
 
     def set_limit(self, name: str, limit: int | None) -> int:
         return self.run(scripts.limit(name, limit))
@@ -92,7 +87,7 @@ class JobStore:
             if state == "processing":
                 ids = self.client.zrange(self.keys.active, offset, offset + count - 1)
             elif state in FINAL_STATES:
-                now = redis_now(self.client)
+                now = redis_now(self.client, self.keys.names)
                 ids = self.client.zrangebyscore(self.keys.index(state), now, "+inf",
                                                 start=offset, num=count)
             else:
@@ -137,9 +132,8 @@ class JobStore:
                 pipe.lrange(self.keys.process_times(name), 0, 499)
                 pipe.lrange(self.keys.wait_times(name), 0, 499)
                 pipe.hgetall(self.keys.completions(name))
-            pipe.time()
             replies = pipe.execute()
-        now = replies[-1][0] + replies[-1][1] / 1e6
+            now = redis_now(self.client, self.keys.names)
         result = {}
         for i, name in enumerate(names):
             counters, ptimes, wtimes, done = replies[4 * i: 4 * i + 4]

@@ -10,11 +10,10 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import redis
 from celery import Celery
 from celery.backends.base import BaseKeyValueStoreBackend, DisabledBackend
 
-from .connection import backend_url
+from .connection import Client, backend_url
 from .exceptions import JobFailed
 from .keys import Keys
 
@@ -22,8 +21,9 @@ if TYPE_CHECKING:
     from .store import JobStore
 
 
-def ensure_result_backend(app: Celery, client: redis.Redis, keys: Keys) -> None:
-    """Supply a result backend on kickq's Redis when the app has none."""
+def ensure_result_backend(app: Celery, client: Client, keys: Keys) -> None:
+    """Supply a result backend on kickq's Redis when the app has none (on a Cluster: the
+    primary that holds the namespace's slot, as Celery has no Cluster result backend)."""
     conf = app.conf
     if conf.result_backend:
         # Celery caches the backend per thread: a thread (a threads-pool worker, say)
@@ -31,7 +31,7 @@ def ensure_result_backend(app: Celery, client: redis.Redis, keys: Keys) -> None:
         if isinstance(getattr(app._local, "backend", None), DisabledBackend):
             del app._local.backend
         return
-    conf.result_backend = backend_url(client)
+    conf.result_backend = backend_url(client, keys.result_prefix)
     transport = dict(conf.result_backend_transport_options or {})
     transport.setdefault("global_keyprefix", keys.result_prefix)
     conf.result_backend_transport_options = transport

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from kickq_celery import InvalidJobData, InvalidJobOptions, Job, JobRecord, Kickq, Promise
+from kickq_celery.testing import purge_namespace
 
 DATA = {
     "nested": {"list": [1, 2.5, [3, {"deep": None}]], "empty": {}, "none": None},
@@ -154,16 +155,27 @@ def test_callback_on_failure_raises_nothing(kickq, args, kwargs, error):
 
 
 def test_delayed_job_state_and_schedule(kickq):
-    for delay in (2, timedelta(seconds=2), 3600):  # a countdown message, and a job parked in Redis
+    for delay in (2, timedelta(seconds=2), 3600):
         job = kickq.create("later", "x", delay=delay)
         assert job.state == "delayed"
         record = kickq.get(job.id)
         assert record.state == "delayed"
         seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
         assert math.isclose((record.scheduled_for - record.created_at).total_seconds(), seconds, abs_tol=0.01)
-    # the short delays are Celery countdowns; the long one waits in Redis without a message
-    assert queue_length(kickq, "later") == 2
-    assert kickq.redis.zcard(kickq.keys.delayed) == 1
+    # every delayed job waits in Redis without a message (no worker holds an ETA message)
+    assert queue_length(kickq, "later") == 0
+    assert kickq.redis.zcard(kickq.keys.delayed) == 3
+
+
+def test_a_delay_horizon_sends_short_delays_as_countdowns(kickq_app, kickq_namespace, kickq_redis_url):
+    kq = Kickq(kickq_app, redis=kickq_redis_url, redis_namespace=kickq_namespace, delay_horizon=5)
+    try:
+        for delay in (2, timedelta(seconds=2), 3600):
+            assert kq.create("later", "x", delay=delay).state == "delayed"
+        assert queue_length(kq, "later") == 2
+        assert kq.redis.zcard(kq.keys.delayed) == 1
+    finally:
+        purge_namespace(kq)
 
 
 def test_zero_delay_is_queued(kickq):

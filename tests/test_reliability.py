@@ -28,7 +28,9 @@ def received(worker, job_id: str) -> int:  # type: ignore[no-untyped-def]
 
 
 def test_delay_past_visibility_timeout_runs_once(kickq, kickq_app, worker_process, r):
-    # the producer's app has the worker's visibility_timeout, so its horizon is 2 / 4 s
+    # with a delay_horizon, the producer's app has the worker's visibility_timeout, so its horizon
+    # is capped at 2 / 4 s
+    Kickq.config(delay_horizon=5)
     kickq_app.conf.broker_transport_options = {"visibility_timeout": 2}
     assert kickq.horizon == 0.5
     worker = worker_process(concurrency=2, visibility_timeout=2)

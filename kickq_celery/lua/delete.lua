@@ -1,6 +1,8 @@
 -- Delete a job for good. A running job keeps its record until its run ends.
--- ARGV: prefix, id
+-- KEYS[1]: the namespace prefix. ARGV: call id, id
 -- Returns {0} unknown | {1, tombstone, final} deleted | {2, tombstone, 0} marked (running)
+local again = replayed()
+if again then return again end
 local id = ARGV[2]
 local key = P .. 'job:' .. id
 local f = redis.call('HMGET', key, 'name', 'state', 'deleted', 'tombstone')
@@ -10,7 +12,7 @@ local final = (state == 'success' or state == 'fail') and 1 or 0
 if final == 0 then redis.call('HINCRBY', P .. 'stats:' .. name, 'deleted', 1) end
 if state == 'processing' then
   redis.call('HSET', key, 'deleted', 1)
-  return {2, f[4], 0}
+  return remember({2, f[4], 0})
 end
 move(id, name, state, false)
 redis.call('DEL', key)
@@ -19,4 +21,4 @@ redis.call('ZREM', P .. 'waiting:' .. name, id)
 -- it may have been woken for a freed slot: pass the slot on (a needless wake-up is harmless)
 local limit = redis.call('HGET', P .. 'limits', name)
 if limit and redis.call('SCARD', P .. 'running:' .. name) < tonumber(limit) then release(name, now()) end
-return {1, f[4], final}
+return remember({1, f[4], final})

@@ -1,10 +1,27 @@
 -- Shared helpers, prepended to every script.
--- ARGV[1] is always the namespace key prefix "{ns}:"; every key is built from it,
--- so all keys of a namespace share one Redis Cluster slot (the hash tag).
+-- KEYS[1] is always the namespace key prefix "{ns}:"; every key is built from it, so all
+-- keys of a namespace share one Redis Cluster slot (the hash tag), and declaring it routes
+-- the call to that slot's node.
 -- Times come from Redis TIME so that every machine agrees on the clock.
 -- Numbers are passed to redis.call as strings where it is cheap to: Redis formats a
 -- Lua number argument with snprintf("%.17g"), a large part of a script's cost.
-local P = ARGV[1]
+local P = KEYS[1]
+
+-- Scripts that are not idempotent by themselves take a call id as ARGV[1]: redis-py re-sends
+-- a command whose reply a dropped connection lost, and the call sent again must change
+-- nothing and get the first call's reply. `replayed()` is that reply (or nil);
+-- `remember(reply)` keeps it for two minutes (re-sends come within seconds) and returns it.
+-- Calls that changed nothing need not remember: sent again, they are a new call.
+local function replayed()
+  local seen = redis.call('GET', P .. 'call:' .. ARGV[1])
+  if seen then return cjson.decode(seen) end
+  return nil
+end
+
+local function remember(reply)
+  redis.call('SET', P .. 'call:' .. ARGV[1], cjson.encode(reply), 'EX', '120')
+  return reply
+end
 
 -- Redis TIME as a number, and as exact text (seconds with microseconds) to store.
 local function now()
@@ -43,6 +60,50 @@ end
 -- every 100 pushes, not on each one).
 local function sample(key, value)
   if redis.call('LPUSH', key, value) > 600 then redis.call('LTRIM', key, '0', '499') end
+end
+
+-- Park job `id` in `delayed` until `due` (text) for a promoter to publish; a job due before
+-- everything parked so far wakes one sleeping promoter (they sleep until the earliest due
+-- time: see worker/bootstep.py).
+local function park(id, due)
+  local first = redis.call('ZRANGE', P .. 'delayed', 0, 0, 'WITHSCORES')[2]
+  redis.call('ZADD', P .. 'delayed', due, id)
+  if not first or tonumber(due) < tonumber(first) then
+    redis.call('LPUSH', P .. 'wake', due)
+    redis.call('LTRIM', P .. 'wake', '0', '0')
+  end
+end
+
+-- Create jobs of one name with the same flags, from ARGV[first] on as id, data_json pairs.
+-- A job is parked when `parked` (delayed past the horizon, or a cron tick's job).
+-- Returns the creation time (text).
+local function create_jobs(name, flags, ptimeout, tombstone, delay, parked, first)
+  local t, ts = now()
+  local due = delay > 0 and fmt(t + delay) or ts
+  local state = 'queued'
+  if delay > 0 then state = 'delayed' end
+  local extra = {}
+  if ptimeout ~= '' then extra = {'ptimeout', ptimeout} end
+  if tombstone == '1' then table.insert(extra, 'tombstone'); table.insert(extra, '1') end
+  local n = 0
+  for i = first, #ARGV, 2 do
+    local id = ARGV[i]
+    -- an id that exists is this call again (redis-py re-sends a command whose reply a dropped
+    -- connection lost): writing it twice would reset a job a worker may have started
+    if redis.call('EXISTS', P .. 'job:' .. id) == 0 then
+      -- only what is known now: readers take a missing field as empty, zero or false
+      redis.call('HSET', P .. 'job:' .. id, 'id', id, 'name', name, 'state', state,
+        'data', ARGV[i + 1], 'flags', flags, 'created_at', ts, 'scheduled_for', due,
+        'attempt', '1', 'runs', '[]', unpack(extra))
+      redis.call('ZADD', P .. 'idx:' .. state, due, id)
+      if parked then park(id, due) end
+      n = n + 1
+    end
+  end
+  redis.call('HINCRBY', P .. 'stats:' .. name, state, n)
+  redis.call('HINCRBY', P .. 'stats:' .. name, 'created', n)
+  redis.call('SADD', P .. 'names', name)
+  return ts
 end
 
 -- A slot of `name` was freed: park the oldest job waiting for one as due now,
@@ -158,7 +219,7 @@ local function end_run(id, outcome, payload, t, ts, purge, token)
   if token then add('ended', cjson.encode(reply)) end
   redis.call('HSET', key, unpack(fields))
   if due then
-    redis.call('ZADD', P .. 'delayed', due, id)
+    park(id, due)
     move(id, name, 'processing', verdict, due)
     return reply
   end

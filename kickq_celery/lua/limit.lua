@@ -1,7 +1,9 @@
 -- Set or clear the max_jobs_num of a job name (a worker starting), and wake the jobs waiting
 -- for the slots that frees (all of them when cleared): a raised or removed limit strands no one.
--- ARGV: prefix, name, limit ('' = no limit)
+-- KEYS[1]: the namespace prefix. ARGV: call id, name, limit ('' = no limit)
 -- Returns how many waiting jobs were woken.
+local again = replayed()
+if again then return again end
 local name, limit = ARGV[2], tonumber(ARGV[3])
 if limit then
   redis.call('HSET', P .. 'limits', name, limit)
@@ -12,4 +14,4 @@ local wake = redis.call('ZCARD', P .. 'waiting:' .. name)
 if limit then wake = math.min(wake, limit - redis.call('SCARD', P .. 'running:' .. name)) end
 local t = now()
 for _ = 1, wake do release(name, t) end
-return math.max(wake, 0)
+return remember(math.max(wake, 0))

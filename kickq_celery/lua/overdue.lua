@@ -1,12 +1,12 @@
 -- Jobs whose Celery message may be lost: waiting and due for more than `grace` seconds,
 -- neither parked for a promoter nor waiting for a max_jobs_num slot.
--- ARGV: prefix, grace, limit (per state)
+-- KEYS[1]: the namespace prefix. ARGV: grace, limit (per state)
 -- Returns a list of {id, name, attempt, process_timeout}.
 local t = now()
 local out = {}
 for _, state in ipairs({'queued', 'delayed', 'retry', 'ghost'}) do
-  local ids = redis.call('ZRANGEBYSCORE', P .. 'idx:' .. state, '-inf', t - tonumber(ARGV[2]),
-    'LIMIT', 0, tonumber(ARGV[3]))
+  local ids = redis.call('ZRANGEBYSCORE', P .. 'idx:' .. state, '-inf', t - tonumber(ARGV[1]),
+    'LIMIT', 0, tonumber(ARGV[2]))
   for _, id in ipairs(ids) do
     local f = redis.call('HMGET', P .. 'job:' .. id, 'name', 'attempt', 'ptimeout')
     if f[1] and not redis.call('ZSCORE', P .. 'delayed', id)

@@ -1,7 +1,10 @@
 -- Claim parked jobs due within the horizon, leasing each for `lease` seconds so that
 -- a promoter that dies before publishing is replaced by another one.
--- ARGV: prefix, horizon, lease, limit
--- Returns a list of {id, name, attempt, countdown, lease_until, process_timeout}.
+-- KEYS[1]: the namespace prefix. ARGV: call id, horizon, lease, limit
+-- Returns {claims, seconds until the next parked job is due ('' = none)}, each claim
+--   {id, name, attempt, countdown, lease_until, process_timeout}.
+local again = replayed()
+if again then return again end
 local t = now()
 local out = {}
 local ids = redis.call('ZRANGEBYSCORE', P .. 'delayed', '-inf', t + tonumber(ARGV[2]),
@@ -17,4 +20,8 @@ for _, id in ipairs(ids) do
     out[#out + 1] = {id, f[1], f[3], tostring(math.max(0, tonumber(f[4]) - t)), tostring(lease), f[6]}
   end
 end
-return out
+-- and how soon the next parked job is due (a promoter sleeps until then)
+local first = redis.call('ZRANGE', P .. 'delayed', 0, 0, 'WITHSCORES')[2]
+local reply = {out, first and tostring(tonumber(first) - t) or ''}
+if #out == 0 then return reply end
+return remember(reply)

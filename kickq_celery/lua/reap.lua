@@ -1,6 +1,8 @@
 -- Turn runs whose heartbeat lock expired (dead worker, or process_timeout) into ghost runs.
--- ARGV: prefix, purge_seconds, limit
+-- KEYS[1]: the namespace prefix. ARGV: call id, purge_seconds, limit
 -- Returns a list of {id, end_run reply...}.
+local again = replayed()
+if again then return again end
 local t, ts = now()
 local out = {}
 local ids = redis.call('ZRANGEBYSCORE', P .. 'active', '-inf', ts, 'LIMIT', 0, tonumber(ARGV[3]))
@@ -14,4 +16,5 @@ for _, id in ipairs(ids) do
     redis.call('ZREM', P .. 'active', id)
   end
 end
-return out
+if #out == 0 then return out end
+return remember(out)

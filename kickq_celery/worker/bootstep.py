@@ -43,27 +43,44 @@ class KickqStep(bootsteps.StartStopStep):  # type: ignore[misc]
         return list(seen.values())
 
     def start(self, worker: Any) -> None:
-        for kq in self._scopes():
-            for name, limit in kq.processed.items():
-                kq.store.set_limit(name, limit)
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="kickq-worker-loops", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
+        limits_set: set[Any] = set()
         while not self._stop.is_set():
             scopes = self._scopes()
-            interval = min((kq.options["poll_interval"] for kq in scopes), default=0.5)
+            wait = min((kq.options["poll_interval"] for kq in scopes), default=0.5)
             for kq in scopes:
                 # the redelivery sweep is rarer: jobs are only overdue after a grace period
                 sweep = time.monotonic() - self._swept.get(kq.scope, 0.0) >= redelivery_grace(kq) / 2
                 try:
-                    tick(kq, sweep)
+                    if kq.scope not in limits_set:  # here, not in start(): Redis may be away then
+                        for name, limit in kq.processed.items():
+                            kq.store.set_limit(name, limit)
+                        limits_set.add(kq.scope)
+                    next_due = tick(kq, sweep)
+                    if next_due is not None:
+                        wait = min(wait, next_due)
                     if sweep:
                         self._swept[kq.scope] = time.monotonic()
                 except Exception:  # Redis or broker away: try again next tick
                     logger.exception("kickq: worker loop failed for %r", kq)
-            self._stop.wait(interval)
+            self._sleep(scopes, max(wait, 0.005))
+
+    def _sleep(self, scopes: list[Any], wait: float) -> None:
+        """Until the next parked job is due, or a create parks one due sooner."""
+        if len(scopes) == 1 and wait > 0.02:
+            # one namespace (the usual case): sleep in Redis, where lua/lib.lua's park() pushes
+            # a wake-up when it parks a job due before everything parked so far
+            kq = scopes[0]
+            try:
+                kq.redis.blpop([kq.keys.wake], timeout=wait)
+                return
+            except Exception:  # Redis away: the next pass logs it
+                pass
+        self._stop.wait(wait)
 
     def stop(self, worker: Any) -> None:
         self._stop.set()

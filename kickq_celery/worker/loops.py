@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 from ..connection import redis_errors
 from ..cron import MISSED_TICK_GRACE, definitions, latest_tick
 from ..exceptions import JobFailed, RedisUnavailable
-from ..plan import Message
+from ..plan import Message, plan_create
 from ..scripts import Claimed, Ended
 from ..tombstones import settle
 
@@ -36,16 +36,15 @@ def publish_claims(kq: Kickq, claims: Sequence[Claimed]) -> None:
     kq.store.unpark(claims)
 
 
-def promote(kq: Kickq) -> int:
-    """Publish the parked jobs that came within the horizon; returns how many."""
-    total = 0
+def promote(kq: Kickq) -> float | None:
+    """Publish the parked jobs that came within the horizon; returns how many seconds until
+    the next parked job is due (None: none is parked)."""
     while True:
         # the lease must outlast the horizon, or another promoter re-claims the job meanwhile
-        claims = kq.store.promote(kq.horizon, lease=kq.horizon + 30.0)
+        claims, next_due = kq.store.promote(kq.horizon, lease=kq.horizon + 30.0)
         if not claims:
-            return total
+            return next_due
         publish_claims(kq, claims)
-        total += len(claims)
 
 
 def redelivery_grace(kq: Kickq) -> float:
@@ -118,8 +117,10 @@ def fire_due(kq: Kickq) -> int:
             if (tick <= last.get(d["key"], 0) or tick < d.get("since", 0)
                     or now - tick > MISSED_TICK_GRACE):
                 continue
-            if kq.store.claim_tick(d["key"], tick):
-                kq.create(d["name"], d["data"], d["opts"])
+            planned = plan_create(kq.options, kq.horizon, d["name"], [d["data"]], d["opts"], {})
+            # claiming the tick creates its job too (parked as due): a worker that dies
+            # between the two cannot lose the tick
+            if kq.store.run(planned.tick_call(d["key"], tick)):
                 fired += 1
         except RedisUnavailable:
             raise
@@ -128,12 +129,14 @@ def fire_due(kq: Kickq) -> int:
     return fired
 
 
-def tick(kq: Kickq, sweep: bool = False) -> None:
-    """One pass of the loops for one Kickq instance (and of the redelivery sweep if asked)."""
-    promote(kq)
+def tick(kq: Kickq, sweep: bool = False) -> float | None:
+    """One pass of the loops for one Kickq instance (and of the redelivery sweep if asked);
+    returns how many seconds until its next parked job is due (None: none is parked)."""
     reap(kq)
     fire_due(kq)
     if sweep:
         sent = redeliver(kq)
         if sent:
             logger.warning("kickq: published the messages of %d overdue job(s) again", sent)
+    # last, so that it publishes what the others parked as due (retries, cron jobs)
+    return promote(kq)
