@@ -97,10 +97,11 @@ class Kickq:
     @property
     def store(self) -> JobStore:
         options = self.options
-        key = self.scope
+        key = (self.scope, options["redis_timeout"], options["redis_wait_replicas"])
         if self._store is None or self._store_key != key:
             self._store = JobStore(client_for(options["redis"], options["redis_timeout"]),
-                                   Keys(options["redis_namespace"]))
+                                   Keys(options["redis_namespace"]), options["redis_wait_replicas"],
+                                   options["redis_timeout"])
             self._store_key = key
         return self._store
 
@@ -178,10 +179,21 @@ class Kickq:
         if messages and publisher.broker is not None and same_server(publisher.broker, store.client):
             # records and messages in one MULTI: neither exists without the other
             with redis_errors(store.client):
-                pipe = store.client.pipeline(transaction=True)
+                if not store.wait_replicas:
+                    pipe = store.client.pipeline(transaction=True)
+                    store.queue(planned.call, pipe)
+                    publisher.push(pipe, queue, task_name, planned.process_timeout, messages)
+                    return planned.call.parse(pipe.execute()[0])
+                # the MULTI spelled out, so that WAIT follows it on the same connection
+                pipe = store.client.pipeline(transaction=False)
+                pipe.execute_command("MULTI")
                 store.queue(planned.call, pipe)
                 publisher.push(pipe, queue, task_name, planned.process_timeout, messages)
-                return planned.call.parse(pipe.execute()[0])
+                pipe.execute_command("EXEC")
+                pipe.execute_command("WAIT", store.wait_replicas, store.wait_ms)
+                *_, executed, acked = pipe.execute()
+            store.check_replicated(acked)
+            return planned.call.parse(executed[0])
         created = store.run(planned.call)
         try:
             publisher.publish(queue, task_name, planned.process_timeout, messages)

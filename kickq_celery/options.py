@@ -144,6 +144,7 @@ OPTIONS: dict[str, Option] = {
     for option in (
         Option("redis", None, _redis),
         Option("redis_timeout", 5.0, _positive_seconds),
+        Option("redis_wait_replicas", 0, _count),
         Option("redis_namespace", "kickq", _namespace),
         Option("job_flags", {}, _job_flags),
         Option("delay", None, _optional_seconds, per_job=True),

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from . import scripts
-from .connection import Client, redis_errors, redis_now
+from .connection import Client, masked_url, redis_errors, redis_now
+from .exceptions import RedisUnavailable
 from .keys import FINAL_STATES, STATES, Keys
 from .records import JobRecord
 from .scripts import Call, Claimed, Deleted, Ended, Started, text
@@ -18,19 +19,42 @@ from .scripts import Call, Claimed, Deleted, Ended, Started, text
 T = TypeVar("T")
 
 
-class JobStore:
-    """Job records of one namespace on one Redis."""
+#: the calls whose writes ``wait_replicas`` waits for (the others are replayed or recomputed)
+REPLICATED = ("create", "finish")
 
-    def __init__(self, client: Client, keys: Keys) -> None:
+
+class JobStore:
+    """Job records of one namespace on one Redis.
+
+    With ``wait_replicas``, a create or finish returns only once that many replicas have
+    its write (Redis ``WAIT``, bounded by half of ``timeout``), else raises
+    :class:`RedisUnavailable`: a write a failover could lose is never acknowledged.
+    """
+
+    def __init__(self, client: Client, keys: Keys, wait_replicas: int = 0, timeout: float = 5.0) -> None:
         self.client = client
         self.keys = keys
+        self.wait_replicas = wait_replicas
+        self.wait_ms = max(1, int(timeout * 500))
         self._scripts = {name: client.register_script(src) for name, src in scripts.SOURCES.items()}
 
     def run(self, call: Call[T]) -> T:
         """Send one script call and parse its reply."""
         with redis_errors(self.client):
-            reply = self._scripts[call.script](keys=[self.keys.prefix], args=call.args)
+            if not self.wait_replicas or call.script not in REPLICATED:
+                return call.parse(self._scripts[call.script](keys=[self.keys.prefix], args=call.args))
+            pipe = self.client.pipeline(transaction=False)  # WAIT on the connection that wrote
+            self.queue(call, pipe)
+            reply, acked = pipe.execute_command("WAIT", self.wait_replicas, self.wait_ms).execute()
+        self.check_replicated(acked)
         return call.parse(reply)
+
+    def check_replicated(self, acked: int) -> None:
+        """Raise RedisUnavailable when fewer than ``wait_replicas`` replicas acknowledged a write."""
+        if acked < self.wait_replicas:
+            raise RedisUnavailable(
+                f"kickq's write reached {acked} of the {self.wait_replicas} replicas it waits for "
+                f"(redis_wait_replicas) at {masked_url(self.client)} within {self.wait_ms} ms")
 
     def queue(self, call: Call[Any], pipe: Any) -> None:
         """Queue a script call on a pipeline (its reply is ``call.parse(pipe.execute()[i])``)."""

@@ -19,12 +19,15 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
+from ..exceptions import RedisUnavailable
 from ..records import Job, from_timestamp
 from .heartbeat import heartbeat
 from .loops import after_run
 
 if TYPE_CHECKING:
     from ..client import Kickq
+    from ..scripts import Ended
+    from ..store import JobStore
 
 Handler = Callable[[Job], Any]
 
@@ -57,11 +60,27 @@ class KickqTask(Task):  # type: ignore[misc]
         heartbeat.hold(store, options["lock_timeout"], job_id, token)
         try:
             outcome, payload, result = self._call_handler(job)
-            ended = store.finish_run(job_id, token, outcome, payload,
-                                     options["purge_timeout"] if options["purge_jobs"] else 0)
+            purge = options["purge_timeout"] if options["purge_jobs"] else 0
+            ended = self._finish(store, job_id, token, outcome, payload, purge, options["lock_timeout"])
         finally:
             heartbeat.release(job_id)
         after_run(kq, ended, result)
+
+    @staticmethod
+    def _finish(store: JobStore, job_id: str, token: str, outcome: str, payload: str, purge: float,
+                patience: float) -> Ended:
+        """The finish script, sent again while Redis is away (or a write did not reach the
+        replicas it must) for up to ``patience`` seconds: the heartbeat still holds the run,
+        and the same finish sent twice counts once."""
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                return store.finish_run(job_id, token, outcome, payload, purge)
+            except RedisUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                logger.warning("kickq: finishing %s failed, trying again", job_id)
+                time.sleep(0.2)
 
     def _call_handler(self, job: Job) -> tuple[str, str, Any]:
         try:
