@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 import redis
 
+from benchmarks.replicas import bench_wait_replicas
 from kickq_celery.testing import stop_process_group
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -232,6 +233,10 @@ def table(results: dict[str, Any]) -> str:
          f" (Celery held {results['memory'].get('raw_held', 0):,})",
          results["memory"]["raw"], results["memory"]["kickq"], "countdown=3600"),
     ]
+    if "wait_replicas" in results:
+        waited = results["wait_replicas"]
+        rows.append(("create with redis_wait_replicas=1 (jobs/s; 'raw' = kickq without)",
+                     waited["wait_0"], waited["wait_1"], "kickq, one replica"))
     cpu = results["processing"].get("cpu_us_per_job", {})
     for part in cpu.get("kickq", {}):
         rows.append((f"processing CPU per job: {part} (us)", cpu["raw"][part], cpu["kickq"][part],
@@ -270,6 +275,7 @@ def main() -> None:
             ("processing", lambda: bench_processing(counts["processing"], env, client)),
             ("tombstone", lambda: bench_tombstone(counts["tombstone"], env)),
             ("memory", lambda: bench_memory(counts["memory"], env, client)),
+            ("wait_replicas", lambda: bench_wait_replicas(counts["create"])),
         ):
             if args.only and name not in args.only:
                 continue

@@ -5,6 +5,7 @@ runs, delays, and duplicate messages running the handler once."""
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 
 from kickq_celery import Kickq, Run
 from kickq_celery.plan import Message
-from kickq_celery.testing import wait_for
+from kickq_celery.testing import make_app, purge_namespace, wait_for, worker
 from tests.test_create import DATA, same
 
 
@@ -200,9 +201,9 @@ def test_get_after_success_and_failure(kickq, kickq_worker):
 @pytest.mark.parametrize("parked", [False, True], ids=["countdown", "parked"])
 def test_delayed_job_starts_no_sooner_than_its_delay(kickq, kickq_worker, parked):
     delay = 1.5
-    if parked:
-        # delays beyond the horizon wait in Redis until a worker promotes them
-        Kickq.config(delay_horizon=0.5)
+    # delays beyond the horizon wait in Redis until a worker promotes them (the default: none
+    # is sent as a countdown); within it, they go out as countdown (ETA) messages
+    Kickq.config(delay_horizon=0.5 if parked else 5)
 
     @kickq.process("later")
     def later(job):
@@ -219,6 +220,28 @@ def test_delayed_job_starts_no_sooner_than_its_delay(kickq, kickq_worker, parked
     waited = (record.runs[0].started_at - record.created_at).total_seconds()
     assert waited >= delay, waited
     assert waited < delay + 10
+
+
+def test_a_parked_job_starts_promptly_at_its_due_time(kickq_redis_url, kickq_namespace):
+    """The promoter sleeps until the next due time, and a create that parks a job due sooner
+    wakes it: no waiting for the next poll (here 5 s apart)."""
+    app = make_app(kickq_redis_url)
+    kq = Kickq(app, redis=kickq_redis_url, redis_namespace=kickq_namespace, poll_interval=5)
+
+    @kq.process("soon")
+    def soon(job):
+        return job.data
+
+    try:
+        with worker(app):
+            time.sleep(0.3)  # the worker's loop is asleep (until its next poll, 5 s away)
+            jobs = [kq.create("soon", n, delay=delay) for n, delay in enumerate((0.5, 0.2, 1.0))]
+            records = [finished(kq, job.id) for job in jobs]
+        lateness = [(r.runs[0].started_at - r.scheduled_for).total_seconds() for r in records]
+        assert all(0 <= late < 0.15 for late in lateness), lateness
+    finally:
+        purge_namespace(kq)
+        app.close()
 
 
 def test_a_message_that_comes_early_does_not_start_the_job_early(kickq, kickq_worker):

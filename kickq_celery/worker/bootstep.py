@@ -34,6 +34,7 @@ class KickqStep(bootsteps.StartStopStep):  # type: ignore[misc]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._swept: dict[Any, float] = {}
+        self._failing: dict[Any, str] = {}  # scope -> the error its last pass failed with
 
     def _scopes(self) -> list[Any]:
         """One Kickq instance per (Redis, namespace) in use by the app."""
@@ -65,8 +66,13 @@ class KickqStep(bootsteps.StartStopStep):  # type: ignore[misc]
                         wait = min(wait, next_due)
                     if sweep:
                         self._swept[kq.scope] = time.monotonic()
-                except Exception:  # Redis or broker away: try again next tick
-                    logger.exception("kickq: worker loop failed for %r", kq)
+                    if self._failing.pop(kq.scope, None):
+                        logger.warning("kickq: worker loop of %r works again", kq)
+                except Exception as exc:  # Redis or broker away: try again next pass
+                    # the traceback once per kind of failure, not at every pass
+                    if self._failing.get(kq.scope) != repr(exc):
+                        logger.exception("kickq: worker loop failed for %r (retrying)", kq)
+                    self._failing[kq.scope] = repr(exc)
             self._sleep(scopes, max(wait, 0.005))
 
     def _sleep(self, scopes: list[Any], wait: float) -> None:
