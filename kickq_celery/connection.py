@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import ssl
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -224,15 +225,28 @@ def backend_url(client: Client, key: str | None = None) -> str:
     kw = _kwargs(client, key)
     if "path" in kw:
         return f"redis+socket://{kw['path']}"
-    auth = f"{kw.get('username') or ''}:{kw['password']}@" if kw.get("password") else ""
+    user, password = quote(kw.get("username") or "", safe=""), quote(kw.get("password") or "", safe="")
+    auth = f"{user}:{password}@" if password else ""
     pool = getattr(client, "connection_pool", None)
     if isinstance(pool, SentinelConnectionPool):
         hosts = ";".join(f"sentinel://{auth}{s.connection_pool.connection_kwargs['host']}:"
                          f"{s.connection_pool.connection_kwargs['port']}"
                          for s in pool.sentinel_manager.sentinels)
         return f"{hosts}/{kw.get('db', 0)}"
-    scheme = "rediss" if is_tls(client) else "redis"
-    return f"{scheme}://{auth}{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+    address = f"{auth}{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+    return f"rediss://{address}{_ssl_query(kw)}" if is_tls(client) else f"redis://{address}"
+
+
+_CERT_REQS = {ssl.CERT_NONE: "none", ssl.CERT_OPTIONAL: "optional", ssl.CERT_REQUIRED: "required"}
+
+
+def _ssl_query(kw: dict[str, Any]) -> str:
+    """A TLS client's certificate settings as Celery's Redis backend reads them from a
+    ``rediss://`` URL (it refuses one without ``ssl_cert_reqs``)."""
+    reqs = kw.get("ssl_cert_reqs", "required")  # redis-py's default
+    params = {"ssl_cert_reqs": "none" if reqs is None else _CERT_REQS.get(reqs, reqs)}
+    params.update({k: kw[k] for k in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile") if kw.get(k)})
+    return "?" + urlencode(params)
 
 
 def masked_url(client: Client) -> str:

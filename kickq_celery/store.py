@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+from redis.cluster import RedisCluster
+
 from . import scripts
 from .connection import Client, masked_url, redis_errors, redis_now
-from .exceptions import RedisUnavailable
+from .exceptions import ConfigError, RedisUnavailable
 from .keys import FINAL_STATES, STATES, Keys
 from .records import JobRecord
 from .scripts import Call, Claimed, Deleted, Ended, Started, text
@@ -32,6 +34,9 @@ class JobStore:
     """
 
     def __init__(self, client: Client, keys: Keys, wait_replicas: int = 0, timeout: float = 5.0) -> None:
+        if wait_replicas and isinstance(client, RedisCluster):
+            # WAIT must go to the node that wrote, and cluster pipelines refuse scripts
+            raise ConfigError("redis_wait_replicas is not supported on a Redis Cluster")
         self.client = client
         self.keys = keys
         self.wait_replicas = wait_replicas
