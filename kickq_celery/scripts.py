@@ -21,6 +21,8 @@ T = TypeVar("T")
 
 _LIB = resources.files(__package__).joinpath("lua/lib.lua").read_text()
 
+#: the scripts that take a call id and keep their reply (see ``replayed`` in lua/lib.lua)
+REPLAYED = ("delete", "reap", "promote", "tick", "limit")
 NAMES = ("create", "start", "finish", "reap", "heartbeat", "delete", "promote", "unpark", "tick",
          "overdue", "limit")
 #: Each script with the shared helpers (lua/lib.lua) prepended.
@@ -48,6 +50,16 @@ class Call(Generic[T]):
     script: str
     args: tuple[Any, ...]
     parse: Callable[[Any], T]
+
+    @property
+    def replays(self) -> bool:
+        """Whether the script answers this call sent again as the first time (ARGV[1] is its id)."""
+        return self.script in REPLAYED
+
+    @property
+    def request(self) -> tuple[Any, ...]:
+        """What the call asks, without its id: the same request made again matches it."""
+        return (self.script, *self.args[1:]) if self.replays else (self.script, *self.args)
 
 
 # --- replies -----------------------------------------------------------------

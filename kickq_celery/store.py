@@ -6,9 +6,11 @@ so concurrent workers, promoters and reapers never see or leave half a transitio
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+import redis
 from redis.cluster import RedisCluster
 
 from . import scripts
@@ -23,6 +25,9 @@ T = TypeVar("T")
 
 #: the calls whose writes ``wait_replicas`` waits for (the others are replayed or recomputed)
 REPLICATED = ("create", "finish")
+#: how long a call that timed out is sent again (with its id) instead of a new one: less than
+#: the two minutes a script keeps its reply
+RESEND_WITHIN = 100.0
 
 
 class JobStore:
@@ -42,9 +47,30 @@ class JobStore:
         self.wait_replicas = wait_replicas
         self.wait_ms = max(1, int(timeout * 500))
         self._scripts = {name: client.register_script(src) for name, src in scripts.SOURCES.items()}
+        self._unanswered: dict[tuple[Any, ...], tuple[float, Call[Any]]] = {}
 
     def run(self, call: Call[T]) -> T:
-        """Send one script call and parse its reply."""
+        """Send one script call and parse its reply.
+
+        A replayed call (delete, reap, promote...) whose reply timed out may still have been
+        applied: the same request made again within :data:`RESEND_WITHIN` is sent with the
+        first call's id, so it gets that call's reply (the jobs a promote claimed, say)
+        instead of finding them taken.
+        """
+        if call.replays:
+            sent, earlier = self._unanswered.pop(call.request, (0.0, call))
+            if time.monotonic() - sent < RESEND_WITHIN:
+                call = earlier
+        try:
+            return self._send(call)
+        except RedisUnavailable as exc:
+            if call.replays and isinstance(exc.__cause__, redis.TimeoutError):
+                if len(self._unanswered) > 1000:
+                    self._unanswered.clear()
+                self._unanswered[call.request] = (time.monotonic(), call)
+            raise
+
+    def _send(self, call: Call[T]) -> T:
         with redis_errors(self.client):
             if not self.wait_replicas or call.script not in REPLICATED:
                 return call.parse(self._scripts[call.script](keys=[self.keys.prefix], args=call.args))
