@@ -391,3 +391,58 @@ def test_wait_replicas_on_a_cluster_is_refused_before_anything_is_written(cluste
     with pytest.raises(ConfigError, match="redis_wait_replicas"):
         kq.create("plain", 1)
     assert keys_by_primary(cluster, ns) == {}
+
+
+def redirects(cluster: ClusterSetup) -> Counter[str]:
+    """The ASK, MOVED and TRYAGAIN replies each primary has sent so far (INFO errorstats),
+    as "<port> <error>" counts."""
+    seen: Counter[str] = Counter()
+    for port in cluster.primaries():
+        with cluster.node(port).admin() as client:
+            for stat, value in client.info("errorstats").items():
+                error = stat.removeprefix("errorstat_")
+                if error in ("ASK", "MOVED", "TRYAGAIN"):
+                    seen[f"{port} {error}"] = int(value["count"])
+    return seen
+
+
+def test_slot_migrated_between_runs_is_followed(
+        cluster: ClusterSetup, app: Celery, shared: redis.Redis, made: list[str]) -> None:
+    """A namespace's slot moved to another primary (while no kickq call is in flight: a live
+    namespace must not be resharded, see the README) with jobs queued and parked in it: the
+    clients follow MOVED, and every job runs once on the new owner."""
+    source, target = cluster.primaries()[1:3]
+    ns = namespace_on(cluster, source, made)
+    slot = cluster.slot_of("{" + ns + "}:")
+    kq = Kickq(app, redis=cluster.url, redis_namespace=ns, poll_interval=0.1, lock_timeout=10)
+
+    @kq.process("work")
+    def work(job: Job) -> object:
+        shared.rpush(f"test:{ns}:runs", job.id)
+        return job.data
+
+    before = redirects(cluster)
+    with tracebacks() as logged:
+        with worker(app, concurrency=4):
+            ran_before = [kq.create("work", i).id for i in range(10)]
+            wait_for(lambda: all(state(kq, j) == "success" for j in ran_before), 10, 0.05, "the first jobs")
+        # left in the namespace: queued ones, and parked ones due after the move
+        waiting = [kq.create("work", i).id for i in range(10)]
+        waiting += [kq.create("work", i, delay=1.5).id for i in range(10)]
+        cluster.migrate_slot(slot, target)
+        assert cluster.owner_of_slot(slot) == target
+        with worker(app, concurrency=4):  # the same clients, with the old slot map
+            after = [kq.create("work", i, delay=0.3 if i % 2 else None).id for i in range(10)]
+            everything = ran_before + waiting + after
+            wait_for(lambda: all(state(kq, j) == "success" for j in everything), 20, 0.1, "every job")
+    assert logged.records == [], logged.report()
+    assert (redirects(cluster) - before)[f"{source} MOVED"] > 0
+    ran = runs(shared, ns)
+    assert sorted(ran) == sorted(everything)  # each once
+    for job_id in everything:
+        record = kq.get(job_id)
+        assert record.state == "success" and len(record.runs) == 1, record
+    s = kq.stats("work")["work"]
+    assert s.created == s.succeeded == len(everything)
+    assert (s.queued, s.delayed, s.processing, s.ghosts) == (0, 0, 0, 0)
+    assert list(keys_by_primary(cluster, ns)) == [target]
