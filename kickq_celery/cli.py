@@ -170,6 +170,9 @@ def _record_table(record: JobRecord) -> str:
         text += "\n\n" + _table(["RUN", "STARTED", "DURATION_S", "STATE", "ERROR"],
                                 [[r.number, r.started_at, r.duration, r.state, _short(r.error)]
                                  for r in record.runs])
+    last = next(((r.number, r.traceback) for r in reversed(record.runs) if r.traceback), None)
+    if last is not None:
+        text += f"\n\ntraceback of run {last[0]}:\n{last[1].rstrip()}"
     return text
 
 

@@ -22,18 +22,20 @@ def from_timestamp(value: Any) -> datetime | None:
 
 @dataclass(frozen=True)
 class Run:
-    """One run of a job: ``state`` is success, fail or ghost."""
+    """One run of a job: ``state`` is success, fail or ghost; a failed run keeps the handler's
+    ``traceback`` (its last 4,000 characters)."""
 
     number: int
     started_at: datetime | None
     duration: float
     state: str
     error: str | None = None
+    traceback: str | None = None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Run:
         return cls(int(raw["number"]), from_timestamp(raw["started_at"]),
-                   float(raw["duration"]), raw["state"], raw.get("error"))
+                   float(raw["duration"]), raw["state"], raw.get("error"), raw.get("traceback"))
 
 
 @dataclass
@@ -109,6 +111,7 @@ class JobRecord:
             "success": self.success, "result": self.result, "last_error": self.last_error,
             "total_process_time": self.total_process_time,
             "runs": [{"number": r.number, "started_at": iso(r.started_at),
-                      "duration": r.duration, "state": r.state, "error": r.error}
+                      "duration": r.duration, "state": r.state, "error": r.error,
+                      "traceback": r.traceback}
                      for r in self.runs],
         }

@@ -166,8 +166,11 @@ def start(job_id: str, attempt: int, token: str, lock_timeout: float) -> Call[St
     return Call("start", (job_id, attempt, token, lock_timeout), Started.parse)
 
 
-def finish(job_id: str, token: str, outcome: str, payload: str, purge: float) -> Call[Ended]:
-    return Call("finish", (job_id, token, outcome, payload, purge), lambda r: Ended.parse(job_id, r))
+def finish(job_id: str, token: str, outcome: str, payload: str, purge: float,
+           traceback: str = "") -> Call[Ended]:
+    """End a run; a failed one keeps its traceback on the run."""
+    return Call("finish", (job_id, token, outcome, payload, purge, traceback),
+                lambda r: Ended.parse(job_id, r))
 
 
 def reap(purge: float, limit: int = 100) -> Call[list[Ended]]:

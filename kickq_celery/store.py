@@ -101,8 +101,9 @@ class JobStore:
     def start_run(self, job_id: str, attempt: int, token: str, lock_timeout: float) -> Started:
         return self.run(scripts.start(job_id, attempt, token, lock_timeout))
 
-    def finish_run(self, job_id: str, token: str, outcome: str, payload: str, purge: float) -> Ended:
-        return self.run(scripts.finish(job_id, token, outcome, payload, purge))
+    def finish_run(self, job_id: str, token: str, outcome: str, payload: str, purge: float,
+                   traceback: str = "") -> Ended:
+        return self.run(scripts.finish(job_id, token, outcome, payload, purge, traceback))
 
     def reap(self, purge: float, limit: int = 100) -> list[Ended]:
         return self.run(scripts.reap(purge, limit))

@@ -77,8 +77,8 @@ def test_deleted_waiting_jobs_never_run_once_a_worker_starts(kickq, kickq_namesp
     worker = worker_process(concurrency=2)
     wait_for(lambda: set(runs(kickq, kickq_namespace)) == {queued_sentinel.id, parked_sentinel.id}, 20,
              0.1, "both sentinels to run")
-    # the deleted job's message was consumed, and dropped by the run guard
-    done = f"{kickq.task_name('record')}[{queued.id}] succeeded"
+    # the deleted job's message was consumed, and dropped by the run guard (no false success)
+    done = f"{kickq.task_name('record')}[{queued.id}] ignored"
     wait_for(lambda: done in worker.log.read_text(errors="replace"), 10, 0.1, "the deleted job's message")
     assert kickq.redis.llen(kickq.task_name("record")) == 0
     assert set(runs(kickq, kickq_namespace)) == {queued_sentinel.id, parked_sentinel.id}
@@ -105,9 +105,9 @@ def test_deleted_delayed_job_never_runs_across_a_killed_worker(kickq, kickq_name
     second = worker_process(concurrency=1, visibility_timeout=1, restore_interval=1)
     wait_for(lambda: received in second.log.read_text(errors="replace"), 15, 0.1,
              "the message to be redelivered to the new worker")
-    done = f"{kickq.task_name('record')}[{job.id}] succeeded"
+    done = f"{kickq.task_name('record')}[{job.id}] ignored"
     wait_for(lambda: done in second.log.read_text(errors="replace"), delay + 10, 0.1,
-             "the redelivered message to be processed")
+             "the redelivered message to be dropped")
     # a sentinel queued behind it runs: the worker is healthy and past the deleted job
     sentinel = kickq.create("record", "sentinel")
     wait_for(lambda: runs(kickq, kickq_namespace), 15, 0.1, "the sentinel to run")

@@ -145,7 +145,7 @@ end
 -- `t, ts` are now() (number and text); `token`, when given, must be the running run's
 -- (else nil: the run ended already, was reaped, or the job is gone).
 -- Returns {verdict, released_id, due_in, tombstone, attempt, last_error}.
-local function end_run(id, outcome, payload, t, ts, purge, token)
+local function end_run(id, outcome, payload, t, ts, purge, token, tb)
   local key = P .. 'job:' .. id
   local f = redis.call('HMGET', key, 'name', 'state', 'runs', 'started_at', 'deleted',
     'total_process_time', 'attempt', 'tombstone', 'token')
@@ -158,6 +158,7 @@ local function end_run(id, outcome, payload, t, ts, purge, token)
   local run = '{"number":' .. (earlier + 1) .. ',"started_at":' .. f[4] .. ',"duration":'
     .. took .. ',"state":"' .. outcome .. '"'
   if outcome ~= 'success' then run = run .. ',"error":' .. cjson.encode(payload) end
+  if tb and tb ~= '' then run = run .. ',"traceback":' .. cjson.encode(tb) end
   local runs = (earlier == 0 and '[' or string.sub(f[3], 1, -2) .. ',') .. run .. '}]'
   redis.call('ZREM', P .. 'active', id)
   local released = false

@@ -5,6 +5,12 @@ message carries ``(job_id, attempt)``, and the "start run" script runs the
 handler only when the record exists, is waiting, is at that attempt and a
 ``max_jobs_num`` slot is free. Duplicates (redelivery, visibility timeout,
 a re-published parked job) are dropped there, so the handler runs once.
+
+Celery is told what the run was, so its logs, signals, events (Flower) and error
+trackers see the truth: a message that starts no run ends as ``Ignore``, a failed
+run that will run again as ``Retry`` (``task_retry``), a final failure raises the
+handler's own exception (``task_failure``, with its traceback), a success returns
+the handler's result.
 """
 
 from __future__ import annotations
@@ -12,12 +18,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+import traceback
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 
 from ..exceptions import RedisUnavailable
 from ..records import Job, from_timestamp
@@ -31,6 +39,20 @@ if TYPE_CHECKING:
 
 Handler = Callable[[Job], Any]
 
+#: the longest traceback kept on a run (its last characters: the innermost frames)
+MAX_TRACEBACK = 4000
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one call of a handler came to."""
+
+    outcome: str  # success | fail | ghost
+    payload: str  # the result as JSON, or the error text
+    result: Any = None
+    error: BaseException | None = None
+    traceback: str = ""
+
 logger = logging.getLogger("kickq_celery")
 
 
@@ -42,7 +64,7 @@ class KickqTask(Task):  # type: ignore[misc]
     job_name: str
     handler: Handler
 
-    def run_job(self, job_id: str, attempt: int = 1) -> None:
+    def run_job(self, job_id: str, attempt: int = 1) -> Any:
         kq = self.kickq
         store = kq.store
         options = kq.options
@@ -54,20 +76,34 @@ class KickqTask(Task):  # type: ignore[misc]
             started = store.start_run(job_id, int(attempt), token, options["lock_timeout"])
         if started.status != "run":
             logger.debug("kickq: %s %s not run (%s)", self.job_name, job_id, started.status)
-            return
+            raise Ignore()  # a duplicate, a deleted or finished job, one waiting: no success
         job = Job(job_id, self.job_name, "processing", None, started.data,
                   len(started.runs) + 1, started.runs, from_timestamp(started.created_at))
         heartbeat.hold(store, options["lock_timeout"], job_id, token)
         try:
-            outcome, payload, result = self._call_handler(job)
+            ran = self._call_handler(job)
             purge = options["purge_timeout"] if options["purge_jobs"] else 0
-            ended = self._finish(store, job_id, token, outcome, payload, purge, options["lock_timeout"])
+            ended = self._finish(store, job_id, token, ran, purge, options["lock_timeout"])
         finally:
             heartbeat.release(job_id)
-        after_run(kq, ended, result)
+        after_run(kq, ended, ran.result)
+        return self._report(job, ran, ended)
+
+    def _report(self, job: Job, ran: Outcome, ended: Ended) -> Any:
+        """Tell Celery what the run was: return its result, or raise Retry, Ignore or its error."""
+        if ended.verdict == "stale":
+            logger.warning("kickq: %s %s run %d ended after it was reaped: its outcome is dropped",
+                           job.name, job.id, job.run)
+            raise Ignore()
+        if ran.error is None:
+            return ran.result
+        if ended.verdict in ("retry", "ghost"):
+            raise Retry(f"run {job.run} of {job.id} failed; run {job.run + 1} in {ended.due_in:g} s",
+                        exc=ran.error, when=ended.due_in)
+        raise ran.error  # the final failure (or a deleted job's last run): the handler's own error
 
     @staticmethod
-    def _finish(store: JobStore, job_id: str, token: str, outcome: str, payload: str, purge: float,
+    def _finish(store: JobStore, job_id: str, token: str, ran: Outcome, purge: float,
                 patience: float) -> Ended:
         """The finish script, sent again while Redis is away (or a write did not reach the
         replicas it must) for up to ``patience`` seconds: the heartbeat still holds the run,
@@ -75,30 +111,31 @@ class KickqTask(Task):  # type: ignore[misc]
         deadline = time.monotonic() + patience
         while True:
             try:
-                return store.finish_run(job_id, token, outcome, payload, purge)
+                return store.finish_run(job_id, token, ran.outcome, ran.payload, purge, ran.traceback)
             except RedisUnavailable:
                 if time.monotonic() > deadline:
                     raise
                 logger.warning("kickq: finishing %s failed, trying again", job_id)
                 time.sleep(0.2)
 
-    def _call_handler(self, job: Job) -> tuple[str, str, Any]:
+    def _call_handler(self, job: Job) -> Outcome:
         try:
             result = self.handler(job)
-            return "success", json.dumps(result, allow_nan=False), result
-        except SoftTimeLimitExceeded:
-            return "ghost", "process_timeout passed: the run was stopped", None
-        except Exception as exc:  # any failure of the handler is a failed run
-            logger.info("kickq: %s %s run %d failed: %r", job.name, job.id, job.run, exc)
-            return "fail", f"{type(exc).__name__}: {exc}", None
+            return Outcome("success", json.dumps(result, allow_nan=False), result)
+        except SoftTimeLimitExceeded as exc:
+            return Outcome("ghost", "process_timeout passed: the run was stopped", None, exc,
+                           traceback.format_exc()[-MAX_TRACEBACK:])
+        except Exception as exc:  # any failure of the handler is a failed run (Celery logs it)
+            return Outcome("fail", f"{type(exc).__name__}: {exc}", None, exc,
+                           traceback.format_exc()[-MAX_TRACEBACK:])
 
 
 def register_task(kq: Kickq, name: str, handler: Handler) -> KickqTask:
     """Register the Celery task (and its queue) of job ``name``."""
     task_name = kq.task_name(name)
 
-    def run(self: KickqTask, job_id: str, attempt: int = 1) -> None:
-        self.run_job(job_id, attempt)
+    def run(self: KickqTask, job_id: str, attempt: int = 1) -> Any:
+        return self.run_job(job_id, attempt)
 
     run.__doc__ = handler.__doc__
     task: KickqTask = kq.app.task(
