@@ -69,13 +69,27 @@ def job_flags(options: Mapping[str, Any], name: str, given: Mapping[str, Any]) -
     return resolved
 
 
+#: how much of a job's data its message shows (Flower, celery inspect)
+SHOWN_DATA = 100
+
+
+def shown(name: str, data_json: str) -> str:
+    """How a job's message shows its args: the job name and the start of its data."""
+    data = data_json if len(data_json) <= SHOWN_DATA else data_json[:SHOWN_DATA] + "..."
+    return f"({name!r}, {data})"
+
+
 @dataclass(frozen=True)
 class Message:
-    """One job's wake-up call: run ``attempt`` of ``job_id`` after ``countdown`` seconds."""
+    """One job's wake-up call: run ``attempt`` of ``job_id`` after ``countdown`` seconds.
+
+    ``label`` is how the message shows its args (see :func:`shown`).
+    """
 
     job_id: str
     attempt: int
     countdown: float = 0.0
+    label: str = ""
 
 
 @dataclass(frozen=True)
@@ -117,7 +131,9 @@ class CreatePlan:
     @property
     def messages(self) -> list[Message]:
         """The messages to publish now (none when parked)."""
-        return [] if self.park else [Message(job_id, 1, self.delay) for job_id in self.ids]
+        if self.park:
+            return []
+        return [Message(job_id, 1, self.delay, shown(self.name, data)) for job_id, data in self.jobs]
 
     def created(self, created_at: float,
                 promise: Callable[[str, str, float], Promise]) -> list[Job]:

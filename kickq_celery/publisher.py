@@ -82,7 +82,8 @@ class Publisher:
         if message.countdown > 0:
             eta = (datetime.now(timezone.utc) + timedelta(seconds=message.countdown)).isoformat()
         return {**template.headers, "id": message.job_id, "root_id": message.job_id, "eta": eta,
-                "argsrepr": repr((message.job_id, message.attempt))}
+                "argsrepr": message.label or repr((message.job_id, message.attempt)),
+                "kwargsrepr": repr({"job_id": message.job_id, "attempt": message.attempt})}
 
     @staticmethod
     def _body(message: Message) -> str:

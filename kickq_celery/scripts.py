@@ -123,6 +123,7 @@ class Claimed:
     countdown: float
     lease_until: str
     process_timeout: float | None
+    data: str = ""  # the start of the data's JSON, to show in the message
 
 
 @dataclass(frozen=True)
@@ -142,13 +143,13 @@ class Deleted:
 
 def _promoted(reply: Sequence[Any]) -> tuple[list[Claimed], float | None]:
     claims = [Claimed(text(r[0]), text(r[1]), int(r[2]), float(r[3]), text(r[4]),
-                      float(r[5]) if r[5] else None) for r in reply[0]]
+                      float(r[5]) if r[5] else None, text(r[6] or "")) for r in reply[0]]
     return claims, float(reply[1]) if reply[1] else None
 
 
 def _overdue(reply: Sequence[Any]) -> list[Claimed]:
-    return [Claimed(text(r[0]), text(r[1]), int(r[2]), 0.0, "", float(r[3]) if r[3] else None)
-            for r in reply]
+    return [Claimed(text(r[0]), text(r[1]), int(r[2]), 0.0, "", float(r[3]) if r[3] else None,
+                    text(r[4] or "")) for r in reply]
 
 
 # --- calls -------------------------------------------------------------------

@@ -41,6 +41,11 @@ def test_inspect_registered_and_active_show_job_names_and_ids(kickq, kickq_names
     task = active[0]
     assert task["name"] == f"{kickq_namespace}.sleep"
     assert task["id"] == job.id  # the Celery task id is the job id
-    assert job.id in task["args"]  # args are (job_id, attempt)
+    assert task["args"] == [job.id, 1]  # the args are (job_id, attempt)
+    # shown (Flower, `inspect active` with safe=True) as the job's name and data, id and attempt
+    kickq.app.conf.control_exchange = kickq_namespace
+    [shown] = kickq.app.control.inspect(destination=[node], timeout=10).active(safe=True)[node]
+    assert shown["args"] == "('sleep', 8)"
+    assert shown["kwargs"] == repr({"job_id": job.id, "attempt": 1})
     assert task["delivery_info"]["routing_key"] == f"{kickq_namespace}.sleep"  # its own queue
     worker.kill()  # no need to wait for the sleep to end

@@ -56,14 +56,19 @@ def app() -> Iterator[Celery]:
     app.close()
 
 
+LABEL = "('resize', {\"img\":7})"
+
+
 def _kombu_envelope(app: Celery, broker: redis.Redis, queue: str, job_id: str, attempt: int,
                     countdown: float, process_timeout: float | None) -> dict[str, Any]:
     """The envelope Celery/kombu store for the same task, read back from the queue's list."""
     limits: dict[str, Any] = {}
     if process_timeout:
         limits = {"soft_time_limit": process_timeout, "time_limit": process_timeout + HARD_LIMIT_GRACE}
+    # how a kickq message shows its job in Flower and `celery inspect` (Celery's own fields)
+    shown = {"argsrepr": LABEL, "kwargsrepr": repr({"job_id": job_id, "attempt": attempt})}
     message = app.amqp.as_task_v2(job_id, queue, args=(job_id, attempt), ignore_result=True,
-                                  countdown=countdown or None, **limits)
+                                  countdown=countdown or None, **shown, **limits)
     with app.producer_or_acquire() as producer:
         app.amqp.send_task_message(producer, queue, message,
                                    queue=Queue(queue, Exchange(queue), routing_key=queue))
@@ -122,7 +127,7 @@ def test_publisher_envelope_matches_kombu(app: Celery, broker: redis.Redis, queu
     theirs = _kombu_envelope(app, broker, queue, job_id, attempt, countdown, process_timeout)
     # pushed as Publisher.push does it, onto the same list kombu just wrote to
     [encoded] = Publisher(app, broker).encoded(queue, queue, process_timeout,
-                                               [Message(job_id, attempt, countdown)])
+                                               [Message(job_id, attempt, countdown, LABEL)])
     broker.lpush(queue, encoded)
     stored = broker.lrange(queue, 0, -1)
     assert stored[0].decode() == encoded

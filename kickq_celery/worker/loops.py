@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 from ..connection import redis_errors
 from ..cron import MISSED_TICK_GRACE, definitions, latest_tick
 from ..exceptions import JobFailed, RedisUnavailable
-from ..plan import Message, plan_create
+from ..plan import Message, plan_create, shown
 from ..scripts import Claimed, Ended
 from ..tombstones import settle
 
@@ -30,7 +30,7 @@ def publish_claims(kq: Kickq, claims: Sequence[Claimed]) -> None:
     groups: dict[tuple[str, float | None], list[Message]] = {}
     for claim in claims:
         groups.setdefault((claim.name, claim.process_timeout), []).append(
-            Message(claim.job_id, claim.attempt, claim.countdown))
+            Message(claim.job_id, claim.attempt, claim.countdown, shown(claim.name, claim.data)))
     for (name, process_timeout), messages in groups.items():
         kq.publisher.publish(kq.queue(name), kq.task_name(name), process_timeout, messages)
     kq.store.unpark(claims)
@@ -75,7 +75,7 @@ def redeliver(kq: Kickq) -> int:
                 continue  # a backlog: the job waits its turn
         for claim in claims:
             kq.publisher.publish(kq.queue(name), kq.task_name(name), claim.process_timeout,
-                                 [Message(claim.job_id, claim.attempt)])
+                                 [Message(claim.job_id, claim.attempt, 0.0, shown(name, claim.data))])
         sent += len(claims)
     return sent
 
