@@ -128,57 +128,96 @@ def close_all() -> None:
 
 # --- following a Sentinel failover ------------------------------------------------
 
-_followed: dict[int, SentinelConnectionPool] = {}
-_followed_lock = threading.Lock()
+#: the longest a failover holds kickq's calls (should +switch-master never come)
+MAX_HOLD = 10.0
 
 
-def follow_failovers(client: Client) -> None:
-    """For a Sentinel-managed client: drop its connections to the old primary at
-    ``+switch-master``, instead of writing into a demoted primary until it turns read-only
-    (writes the resync then throws away). One listening thread per pool and process."""
-    pool = getattr(client, "connection_pool", None)
-    if not isinstance(pool, SentinelConnectionPool):
-        return
-    with _followed_lock:
-        if id(pool) in _followed:
-            return
-        _followed[id(pool)] = pool
-    _listen(pool)
+class _Follower:
+    """Follows one Sentinel service's failovers in this process.
 
+    From the moment the leading sentinel tells the chosen replica to become primary
+    (``+failover-state-send-slaveof-noone``) to ``+switch-master``, the old primary still
+    takes writes that the promotion has already cut off from the replica: kickq holds its
+    calls meanwhile (at most :data:`MAX_HOLD`), then drops its connections to the old primary
+    and goes on with the new one. Only the leader tells the first event, so every sentinel
+    is listened to, each by a thread of its own.
+    """
 
-def _listen(pool: SentinelConnectionPool) -> None:
-    threading.Thread(target=_switches, args=(pool,), name="kickq-sentinel", daemon=True).start()
+    def __init__(self, pool: SentinelConnectionPool) -> None:
+        self.pool = pool
+        self.hold_until = 0.0
 
-
-def _switches(pool: SentinelConnectionPool) -> None:
-    while True:
-        for sentinel in pool.sentinel_manager.sentinels:
+    def start(self) -> None:
+        for sentinel in self.pool.sentinel_manager.sentinels:
             kwargs = sentinel.connection_pool.connection_kwargs
-            listener = redis.Redis(host=kwargs["host"], port=kwargs["port"],
-                                   socket_connect_timeout=kwargs.get("socket_connect_timeout"),
+            threading.Thread(target=self._listen, args=(kwargs["host"], kwargs["port"],
+                                                        kwargs.get("socket_connect_timeout")),
+                             name="kickq-sentinel", daemon=True).start()
+
+    def wait(self) -> None:
+        """Return once no failover of the service is under way (or the hold ran out)."""
+        while time.monotonic() < self.hold_until:
+            time.sleep(0.005)
+
+    def _listen(self, host: str, port: int, connect_timeout: float | None) -> None:
+        while True:
+            listener = redis.Redis(host=host, port=port, socket_connect_timeout=connect_timeout,
                                    health_check_interval=10)
             try:
                 pubsub = listener.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe("+switch-master")
+                pubsub.subscribe("+failover-state-send-slaveof-noone", "+switch-master")
+                pubsub.psubscribe("-failover-abort-*")
                 while True:
                     message = pubsub.get_message(timeout=1.0)
-                    if message and _text(message["data"]).split(" ", 1)[0] == pool.service_name:
-                        # asks the sentinels again and disconnects the idle connections; busy
-                        # ones are dropped when released (the pool owns only the primary's)
-                        pool.get_master_address()
-                        logger.warning("kickq: Sentinel service %s switched primary: %s",
-                                       pool.service_name, _text(message["data"]))
-            except Exception:  # this sentinel is away: listen to the next one
+                    if message:
+                        self._on(_text(message["channel"]), _text(message["data"]))
+            except Exception:  # this sentinel is away: try it again in a moment
                 listener.close()
-        time.sleep(1.0)
+                time.sleep(1.0)
+
+    def _on(self, channel: str, data: str) -> None:
+        # +switch-master: "<service> <old ip> <old port> <new ip> <new port>"; the others:
+        # "<instance type> <name> <ip> <port> @ <service> <primary ip> <primary port>"
+        if channel == "+switch-master":
+            service = data.split(" ", 1)[0]
+        else:
+            service = data.partition(" @ ")[2].split(" ", 1)[0]
+        if service != self.pool.service_name:
+            return
+        if channel == "+failover-state-send-slaveof-noone":
+            self.hold_until = time.monotonic() + MAX_HOLD
+            return
+        if channel == "+switch-master":
+            # asks the sentinels again and disconnects the idle connections; busy ones are
+            # dropped when released (the pool owns only the new primary's)
+            self.pool.get_master_address()
+            logger.warning("kickq: Sentinel service %s switched primary: %s", service, data)
+        self.hold_until = 0.0
+
+
+_followers: dict[int, _Follower] = {}
+_followers_lock = threading.Lock()
+
+
+def follow_failovers(client: Client) -> None:
+    """For a Sentinel-managed client: follow the service's failovers (see :class:`_Follower`)."""
+    pool = getattr(client, "connection_pool", None)
+    if not isinstance(pool, SentinelConnectionPool):
+        return
+    with _followers_lock:
+        if id(pool) in _followers:
+            return
+        _followers[id(pool)] = follower = _Follower(pool)
+    follower.start()
 
 
 def _after_fork() -> None:
     # the listening threads do not survive a fork (prefork pool processes use the clients too)
-    with _followed_lock:
-        pools = list(_followed.values())
-    for pool in pools:
-        _listen(pool)
+    with _followers_lock:
+        followers = list(_followers.values())
+    for follower in followers:
+        follower.hold_until = 0.0
+        follower.start()
 
 
 os.register_at_fork(after_in_child=_after_fork)
@@ -279,7 +318,11 @@ def mask(url: str) -> str:
 
 @contextmanager
 def redis_errors(client: Client) -> Iterator[None]:
-    """Turn redis-py connection failures into :class:`RedisUnavailable`."""
+    """Turn redis-py connection failures into :class:`RedisUnavailable` (and wait out a
+    Sentinel failover under way first)."""
+    follower = _followers.get(id(getattr(client, "connection_pool", None)))
+    if follower is not None:
+        follower.wait()
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as exc:

@@ -16,6 +16,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from kickq_celery import Kickq
+from kickq_celery.connection import client_for
 from kickq_celery.testing import DEFAULT_TEST_REDIS_URL
 
 NAMESPACE = os.environ["KICKQ_TEST_NS"]
@@ -32,10 +33,24 @@ if os.environ.get("KICKQ_TEST_CONTROL_EXCHANGE"):
 if os.environ.get("KICKQ_TEST_VISIBILITY_TIMEOUT"):
     app.conf.broker_transport_options = {
         "visibility_timeout": float(os.environ["KICKQ_TEST_VISIBILITY_TIMEOUT"])}
+if os.environ.get("KICKQ_TEST_MASTER_NAME"):
+    # a sentinel:// broker names its Sentinel service here
+    app.conf.broker_transport_options = {
+        **(app.conf.broker_transport_options or {}), "master_name": os.environ["KICKQ_TEST_MASTER_NAME"]}
 
 kq = Kickq(app, redis=REDIS_URL, redis_namespace=NAMESPACE, poll_interval=0.2,
-           lock_timeout=float(os.environ.get("KICKQ_TEST_LOCK_TIMEOUT", "3")))
-r = redis.Redis.from_url(REDIS_URL)
+           lock_timeout=float(os.environ.get("KICKQ_TEST_LOCK_TIMEOUT", "3")),
+           redis_wait_replicas=int(os.environ.get("KICKQ_TEST_WAIT_REPLICAS", "0")))
+
+
+def _records_client(**kwargs):  # type: ignore[no-untyped-def]
+    """The records' client: redis-py cannot read a redis+sentinel:// (or +cluster) URL, kickq can."""
+    if REDIS_URL.startswith(("redis+sentinel://", "redis+cluster://")):
+        return client_for(REDIS_URL)
+    return redis.Redis.from_url(REDIS_URL, **kwargs)
+
+
+r = _records_client()
 PREFIX = f"test:{NAMESPACE}:"
 
 
@@ -83,8 +98,8 @@ if os.environ.get("KICKQ_TEST_RESTORE_INTERVAL"):
         "unacked_restore_throttle": 1}
 
 # a client that rides out a Redis restart (redis-py's default jittered retries may give up sooner)
-steady_r = redis.Redis.from_url(
-    REDIS_URL, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 40),
+steady_r = _records_client(
+    retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 40),
     retry_on_error=[redis.ConnectionError, redis.TimeoutError])
 
 
