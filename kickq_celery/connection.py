@@ -237,6 +237,12 @@ def _kwargs(client: Client, key: str | None = None) -> dict[str, Any]:
     return client.connection_pool.connection_kwargs
 
 
+def sentinel_service(client: Client) -> str | None:
+    """The Sentinel service a client follows, if it is a Sentinel-managed one."""
+    pool = getattr(client, "connection_pool", None)
+    return pool.service_name if isinstance(pool, SentinelConnectionPool) else None
+
+
 def same_server(a: Client, b: Client) -> bool:
     """Whether two clients talk to the same Redis server and database."""
     if a is b:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 from celery.backends.base import BaseKeyValueStoreBackend, DisabledBackend
 
-from .connection import Client, backend_url
+from .connection import Client, backend_url, sentinel_service
 from .exceptions import JobFailed
 from .keys import Keys
 
@@ -34,6 +34,9 @@ def ensure_result_backend(app: Celery, client: Client, keys: Keys) -> None:
     conf.result_backend = backend_url(client, keys.result_prefix)
     transport = dict(conf.result_backend_transport_options or {})
     transport.setdefault("global_keyprefix", keys.result_prefix)
+    service = sentinel_service(client)
+    if service:
+        transport.setdefault("master_name", service)  # Celery's sentinel:// backend needs it
     conf.result_backend_transport_options = transport
     # forget a DisabledBackend cached before this point
     app._backend_cache = None

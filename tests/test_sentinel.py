@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import redis
 
-from kickq_celery import JobNotFound, Kickq, RedisUnavailable
+from kickq_celery import JobNotFound, Kickq, RedisUnavailable, testing
 from kickq_celery.connection import client_for
 from kickq_celery.testing import make_app, purge_namespace, wait_for
 from kickq_celery.worker.loops import redelivery_grace
@@ -320,3 +320,25 @@ def test_failover_without_wait_replicas_loses_only_writes_before_the_switch(rig:
         with pytest.raises(JobNotFound):
             kq.get(job_id)
     assert {final[job_id] for job_id in producer.acked if job_id not in lost} == {"success"}
+
+
+def test_a_sentinel_broker_is_the_default_for_records_and_tombstones(rig: Rig,
+                                                                    sentinel: SentinelSetup) -> None:
+    """No `redis` option: a sentinel:// broker with its master_name makes kickq keep its records on
+    that Sentinel service, and the tombstone result backend it supplies follows it too."""
+    kq = Kickq(rig.app, redis_namespace=rig.ns, poll_interval=0.2, lock_timeout=LOCK_TIMEOUT)
+    rig.kqs.append(kq)
+    hosts = ",".join(f"{host}:{port}" for host, port in sentinel.sentinel_addrs)
+    assert kq.options["redis"] == f"redis+sentinel://{hosts}/{sentinel.service}/0"
+
+    @kq.process("echo")
+    def echo(job: Any) -> Any:
+        return job.data
+
+    with testing.worker(rig.app):
+        job = kq.create("echo", {"n": 1}, tombstone=True)
+        assert job.promise is not None and job.promise.wait().result == {"n": 1}
+    assert rig.app.conf.result_backend.startswith("sentinel://")
+    # the record is on the Sentinel service's primary
+    with sentinel.primary().admin() as primary:
+        assert primary.exists(f"{{{rig.ns}}}:job:{job.id}")
