@@ -82,6 +82,7 @@ class Publisher:
         if message.countdown > 0:
             eta = (datetime.now(timezone.utc) + timedelta(seconds=message.countdown)).isoformat()
         return {**template.headers, "id": message.job_id, "root_id": message.job_id, "eta": eta,
+                "retries": message.attempt - 1,  # Celery's count of earlier runs (Flower shows it)
                 "argsrepr": message.label or repr((message.job_id, message.attempt)),
                 "kwargsrepr": repr({"job_id": message.job_id, "attempt": message.attempt})}
 

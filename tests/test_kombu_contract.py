@@ -68,7 +68,7 @@ def _kombu_envelope(app: Celery, broker: redis.Redis, queue: str, job_id: str, a
     # how a kickq message shows its job in Flower and `celery inspect` (Celery's own fields)
     shown = {"argsrepr": LABEL, "kwargsrepr": repr({"job_id": job_id, "attempt": attempt})}
     message = app.amqp.as_task_v2(job_id, queue, args=(job_id, attempt), ignore_result=True,
-                                  countdown=countdown or None, **shown, **limits)
+                                  countdown=countdown or None, retries=attempt - 1, **shown, **limits)
     with app.producer_or_acquire() as producer:
         app.amqp.send_task_message(producer, queue, message,
                                    queue=Queue(queue, Exchange(queue), routing_key=queue))

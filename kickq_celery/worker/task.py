@@ -99,7 +99,7 @@ class KickqTask(Task):  # type: ignore[misc]
             return ran.result
         if ended.verdict in ("retry", "ghost"):
             raise Retry(f"run {job.run} of {job.id} failed; run {job.run + 1} in {ended.due_in:g} s",
-                        exc=ran.error, when=ended.due_in)
+                        exc=ran.error, when=ended.due_in) from ran.error  # its traceback shows the handler
         raise ran.error  # the final failure (or a deleted job's last run): the handler's own error
 
     @staticmethod
