@@ -8,6 +8,7 @@ in-process worker keeps the demo to one command.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from celery import Celery
@@ -22,6 +23,9 @@ if target.embedded is not None:
     print(f"No Redis answers at {url}: started an embedded Redis at {target.redis_url}")
 else:
     print(f"Using the Redis at {url}")
+
+# a worker logs a failed run with its traceback, as Celery does; here it fails on purpose
+logging.getLogger("celery.app.trace").setLevel(logging.CRITICAL)
 
 app = Celery("quickstart", broker=target.broker_url)
 kq = Kickq(app, redis=target.redis_url, redis_namespace="quickstart", poll_interval=0.2)

@@ -2,7 +2,9 @@
 
 Commands: ``stats [NAME]``, ``jobs [--state S] [--name N] [--offset O] [--limit L]``,
 ``get ID``, ``delete ID``, ``schedules`` and ``metrics --port N``. Each prints a
-table, or JSON with ``--json``. Errors print one line on stderr and exit with 1.
+table, or JSON with ``--json`` (before or after the command). An empty listing says
+which Redis and namespace it looked at (on stderr with ``--json``, which still prints
+``[]``). Errors print one line on stderr and exit with 1.
 
 The stand-alone ``kickq`` reads ``--redis`` / ``$KICKQ_REDIS`` (default
 ``redis://localhost:6379/0``) and ``--namespace`` / ``$KICKQ_NAMESPACE`` (default
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import redis
 
+from .connection import masked_url
 from .exceptions import JobNotFound, KickqError
 from .keys import STATES
 
@@ -38,9 +41,10 @@ DEFAULT_NAMESPACE = "kickq"
 class _Source:
     """Makes the Kickq of the invoked command on first use (so --help needs no Redis)."""
 
-    def __init__(self, factory: Callable[[], Kickq]) -> None:
+    def __init__(self, factory: Callable[[], Kickq], as_json: bool = False) -> None:
         self._factory = factory
         self._kickq: Kickq | None = None
+        self.as_json = as_json  # --json given before the command
 
     @property
     def kickq(self) -> Kickq:
@@ -107,14 +111,35 @@ def _compact(value: Any) -> str:
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 
+def _say_empty(kq: Kickq, what: str, as_json: bool) -> None:
+    """The line of an empty listing: which Redis and namespace were looked at (stderr with --json)."""
+    click.echo(f"no {what} in namespace {kq.options['redis_namespace']!r} at {masked_url(kq.redis)}",
+               err=as_json)
+
+
+# `--state` also takes the words `kickq stats` prints (SUCCEEDED, FAILED).
+STATE_ALIASES = {"succeeded": "success", "failed": "fail"}
+_STATES_TEXT = (f"{', '.join(STATES)} "
+                f"(or {', '.join(f'{alias} = {state}' for alias, state in STATE_ALIASES.items())})")
+
+
+def _state_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None or value in STATES:
+        return value
+    if value in STATE_ALIASES:
+        return STATE_ALIASES[value]
+    raise click.ClickException(f"unknown state {value!r} for --state; one of {_STATES_TEXT}")
+
+
 def _stats_row(label: str, s: NameStats) -> list[Any]:
     return [label, s.queued, s.delayed, s.processing, s.created, s.succeeded, s.failed, s.retried,
             s.ghosts, s.deleted, s.process_time["p50"], s.process_time["p95"], s.wait_time["avg"],
-            s.completed_last_minute, s.completed_last_hour]
+            s.completed_last_minute, s.completed_last_hour, s.workers]
 
 
 _STATS_HEADERS = ["NAME", "QUEUED", "DELAYED", "PROCESSING", "CREATED", "SUCCEEDED", "FAILED", "RETRIED",
-                  "GHOSTS", "DELETED", "RUN_P50_S", "RUN_P95_S", "WAIT_AVG_S", "DONE_1M", "DONE_1H"]
+                  "GHOSTS", "DELETED", "RUN_P50_S", "RUN_P95_S", "WAIT_AVG_S", "DONE_1M", "DONE_1H",
+                  "WORKERS"]
 
 
 # --- commands -----------------------------------------------------------------
@@ -126,9 +151,14 @@ _STATS_HEADERS = ["NAME", "QUEUED", "DELAYED", "PROCESSING", "CREATED", "SUCCEED
 @click.pass_obj
 def stats(source: _Source, name: str | None, as_json: bool) -> None:
     """Counts, gauges and timings per job name (or of NAME), and in total."""
+    as_json = as_json or source.as_json
     result = source.kickq.stats(name)
     if as_json:
         _echo_json(result.to_dict())
+    empty = name is None and not result.names
+    if empty:
+        _say_empty(source.kickq, "jobs", as_json)
+    if as_json or empty:
         return
     rows = [_stats_row(n, s) for n, s in sorted(result.names.items())]
     if name is None:
@@ -137,7 +167,8 @@ def stats(source: _Source, name: str | None, as_json: bool) -> None:
 
 
 @click.command()
-@click.option("--state", type=click.Choice(STATES), help="Only jobs in this state.")
+@click.option("--state", callback=_state_option, metavar="STATE",
+              help=f"Only jobs in this state: {_STATES_TEXT}.")
 @click.option("--name", help="Only jobs of this name.")
 @click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True, help="Skip this many.")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="At most this many.")
@@ -146,9 +177,16 @@ def stats(source: _Source, name: str | None, as_json: bool) -> None:
 def jobs(source: _Source, state: str | None, name: str | None, offset: int, limit: int,
          as_json: bool) -> None:
     """Job records, oldest first within each state."""
+    as_json = as_json or source.as_json
     records = source.kickq.jobs(state, name, offset, limit)
     if as_json:
         _echo_json([record.to_dict() for record in records])
+    if not records:
+        what = " ".join(["jobs", *([f"named {name!r}"] if name else []),
+                         *([f"in state {state!r}"] if state else []),
+                         *([f"after the first {offset}"] if offset else [])])
+        _say_empty(source.kickq, what, as_json)
+    if as_json or not records:
         return
     click.echo(_table(["ID", "NAME", "STATE", "CREATED", "RUNS", "LAST_ERROR"],
                       [[r.id, r.name, r.state, r.created_at, len(r.runs), _short(r.last_error)]
@@ -183,7 +221,7 @@ def _record_table(record: JobRecord) -> str:
 def get(source: _Source, job_id: str, as_json: bool) -> None:
     """The record of job ID, with its runs."""
     record = source.kickq.get(job_id)
-    if as_json:
+    if as_json or source.as_json:
         _echo_json(record.to_dict())
     else:
         click.echo(_record_table(record))
@@ -198,7 +236,7 @@ def delete(source: _Source, job_id: str, as_json: bool) -> None:
     kq = source.kickq
     if not kq.delete(job_id):
         raise JobNotFound(f"no job {job_id!r} in namespace {kq.options['redis_namespace']!r}")
-    if as_json:
+    if as_json or source.as_json:
         _echo_json({"id": job_id, "deleted": True})
     else:
         click.echo(f"deleted {job_id}")
@@ -209,9 +247,13 @@ def delete(source: _Source, job_id: str, as_json: bool) -> None:
 @click.pass_obj
 def schedules(source: _Source, as_json: bool) -> None:
     """Cron schedules, with their next and last run."""
+    as_json = as_json or source.as_json
     listing = source.kickq.schedules()
     if as_json:
         _echo_json(listing)
+    if not listing:
+        _say_empty(source.kickq, "schedules", as_json)
+    if as_json or not listing:
         return
     click.echo(_table(["KEY", "NAME", "CRON", "TZ", "NEXT_RUN", "LAST_RUN"],
                       [[s["key"], s["name"], s["cron"], s["tz"], s["next_run"], s["last_run"]]
@@ -261,10 +303,11 @@ def _standalone_kickq(redis_url: str, namespace: str) -> Kickq:
               help="kickq's Redis URL (env KICKQ_REDIS).")
 @click.option("--namespace", envvar="KICKQ_NAMESPACE", default=DEFAULT_NAMESPACE, show_default=True,
               help="kickq's Redis namespace (env KICKQ_NAMESPACE).")
+@json_option
 @click.pass_context
-def cli(ctx: click.Context, redis_url: str, namespace: str) -> None:
+def cli(ctx: click.Context, redis_url: str, namespace: str, as_json: bool) -> None:
     """Inspect and manage kickq jobs in Redis."""
-    ctx.obj = _Source(lambda: _standalone_kickq(redis_url, namespace))
+    ctx.obj = _Source(lambda: _standalone_kickq(redis_url, namespace), as_json)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -293,11 +336,13 @@ def _app_kickq(app: Celery, redis_url: str | None, namespace: str | None) -> Kic
 @click.option("--redis", "redis_url", default=None,
               help="kickq's Redis URL (default: the app's Kickq settings).")
 @click.option("--namespace", default=None, help="kickq's Redis namespace (default: the app's).")
+@json_option
 @click.pass_context
-def celery_command(ctx: click.Context, /, redis_url: str | None, namespace: str | None, **_: Any) -> None:
+def celery_command(ctx: click.Context, /, redis_url: str | None, namespace: str | None,
+                   as_json: bool, **_: Any) -> None:
     """Inspect and manage the kickq jobs of this app."""
     app = ctx.obj.app  # celery's CLIContext, made from -A
-    ctx.obj = _Source(lambda: _app_kickq(app, redis_url, namespace))
+    ctx.obj = _Source(lambda: _app_kickq(app, redis_url, namespace), as_json)
 
 
 for _command in COMMANDS:

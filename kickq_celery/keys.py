@@ -73,6 +73,12 @@ class Keys:
         """Set: every job name seen in this namespace."""
         return f"{self.prefix}names"
 
+    def workers(self, name: str) -> str:
+        """Sorted set: the workers that handle one job name (member: ``hostname:pid``, score:
+        when it expires, Redis clock). Each worker refreshes its member; members whose time
+        passed are dropped whenever the set is read or refreshed, so it stays bounded."""
+        return f"{self.prefix}workers:{name}"
+
     def stats(self, name: str) -> str:
         """Hash: counters and state gauges of one job name."""
         return f"{self.prefix}stats:{name}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -204,13 +205,61 @@ def validate_flags(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def app_options(app: Any) -> dict[str, Any]:
-    """Options set on a Celery app as ``kickq_<snake_name>`` settings."""
+    """Options set on a Celery app as ``kickq_<snake_name>`` settings.
+
+    A setting that looks like one (``kickq_...``) but names no option raises ConfigError.
+    """
     found = {}
     for name in OPTIONS:
         value = app.conf.get(f"kickq_{name}", _MISSING)
         if value is not _MISSING and value is not None:
             found[name] = value
+    _check_app_setting_names(app.conf)  # (app.conf is final once read above)
     return validate_options(found)
+
+
+def _check_app_setting_names(conf: Any) -> None:
+    """Raise ConfigError for a ``kickq_*`` Celery setting that is not an option (a typo).
+
+    Celery finds option ``name`` as the key ``kickq_<name>`` and, in an app configured
+    with a namespace (Django's ``config_from_object(..., namespace="CELERY")``), as
+    ``CELERY_KICKQ_<NAME>`` (the namespace's case). A key of either shape that is not
+    exactly one of those would be silently ignored, so it is an error. Not checked: an
+    upper-case ``KICKQ_*`` key outside a namespaced app's namespace (a project's own
+    Django setting, which Celery does not read), and modules (``import kickq_celery``
+    in a config module).
+    """
+    prefix = getattr(conf, "prefix", None) or ""
+    for key in sorted(k for k in conf.keys() if isinstance(k, str)):
+        if prefix and key.startswith(prefix):
+            namespace, rest = prefix, key[len(prefix):]
+        elif prefix and key != key.lower():
+            continue
+        else:
+            namespace, rest = "", key
+        if not rest.lower().startswith("kickq_"):
+            continue
+        wanted = rest.lower()[len("kickq_"):]
+        if wanted in OPTIONS and key == _setting_key(wanted, namespace):
+            continue
+        if isinstance(conf.get(key), types.ModuleType):
+            continue
+        close = difflib.get_close_matches(wanted.replace("_", ""), _SQUASHED, n=1)
+        hint = f"; did you mean {_setting_key(_SQUASHED[close[0]], namespace)!r}?" if close else ""
+        raise ConfigError(f"unknown Celery setting {key!r}{hint}")
+
+
+def _setting_key(name: str, prefix: str) -> str:
+    """The key Celery finds option ``name`` under, namespaced like Celery does (in the prefix's case)."""
+    if not prefix:
+        return f"kickq_{name}"
+    key = f"{prefix}kickq_{name}"
+    return key.upper() if prefix.isupper() else key.lower()
+
+
+# Option names without underscores, so ``kickq_redisNamespace`` or ``kickq_retrycount``
+# still find theirs.
+_SQUASHED = {name.replace("_", ""): name for name in OPTIONS}
 
 
 def layer(*layers: Mapping[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from . import options as opts
 from . import scripts
 from .exceptions import InvalidJobData, InvalidJobOptions
-from .records import Job
+from .records import Job, from_timestamp
 
 if TYPE_CHECKING:
     from .promise import Promise
@@ -137,12 +137,18 @@ class CreatePlan:
 
     def created(self, created_at: float,
                 promise: Callable[[str, str, float], Promise]) -> list[Job]:
-        """The jobs to hand back; ``promise(job_id, name, deadline)`` makes a tombstone's promise."""
+        """The jobs to hand back; ``promise(job_id, name, deadline)`` makes a tombstone's promise.
+
+        ``created_at`` is the create script's reply (the Redis clock, as on the records); each
+        job's ``data`` is its stored JSON decoded, as ``get()`` and the handler see it.
+        """
         state = "delayed" if self.delay > 0 else "queued"
         deadline = created_at + float(self.flags["tombstone_timeout"])
+        at = from_timestamp(created_at)
         return [Job(job_id, self.name, state,
-                    promise(job_id, self.name, deadline) if self.tombstone else None)
-                for job_id in self.ids]
+                    promise(job_id, self.name, deadline) if self.tombstone else None,
+                    data=json.loads(data_json), created_at=at, created=True)
+                for job_id, data_json in self.jobs]
 
 
 def plan_create(options: Mapping[str, Any], horizon_seconds: float, name: Any, items: Sequence[Any],

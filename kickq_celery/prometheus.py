@@ -56,7 +56,8 @@ class KickqCollector:
     ``kickq_jobs_created_total`` and friends, processing and waiting time
     (``kickq_process_seconds`` / ``kickq_wait_seconds`` with ``stat=avg|p50|p95|max``
     over the recent sample), completions in a recent ``window`` (``1m``, ``1h``),
-    and ``kickq_up`` (0 when Redis did not answer the scrape).
+    ``kickq_workers`` (live workers that handle the name) and ``kickq_up`` (0 when
+    Redis did not answer the scrape).
     """
 
     def __init__(self, kq: Kickq) -> None:
@@ -79,6 +80,8 @@ class KickqCollector:
             "completed": core.GaugeMetricFamily(
                 "kickq_jobs_completed_recently", "Jobs that finished within the window.",
                 labels=[*labels, "window"]),
+            "workers": core.GaugeMetricFamily(
+                "kickq_workers", "Live workers that handle the job name.", labels=labels),
         }
         for counter, (metric, text) in _COUNTER_METRICS.items():
             families[counter] = core.CounterMetricFamily(metric, text, labels=labels)
@@ -110,6 +113,7 @@ class KickqCollector:
                         families[family].add_metric([namespace, name, stat], value)
             families["completed"].add_metric([namespace, name, "1m"], s.completed_last_minute)
             families["completed"].add_metric([namespace, name, "1h"], s.completed_last_hour)
+            families["workers"].add_metric([namespace, name], s.workers)
         yield from families.values()
 
 

@@ -42,9 +42,10 @@ class Run:
 class Job:
     """A job: what ``create()`` returns, and what a handler receives.
 
-    ``create()`` fills ``id``, ``name``, ``state`` and ``promise`` (tombstoned
-    jobs only); a handler's job also has ``data``, ``run`` (1 for the first
-    run), ``runs`` (the earlier runs) and ``created_at``.
+    ``create()`` fills ``id``, ``name``, ``state``, ``data`` (as stored: its JSON
+    decoded), ``created_at`` (the Redis clock, UTC), ``created`` (True: a new job)
+    and ``promise`` (tombstoned jobs only); a handler's job also has ``run``
+    (1 for the first run) and ``runs`` (the earlier runs).
     """
 
     id: str
@@ -55,6 +56,7 @@ class Job:
     run: int = 0
     runs: tuple[Run, ...] = ()
     created_at: datetime | None = None
+    created: bool = True
 
 
 @dataclass(frozen=True)

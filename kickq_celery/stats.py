@@ -40,13 +40,15 @@ class NameStats:
     wait_time: dict[str, float | None] = field(default_factory=lambda: summary([]))
     completed_last_minute: int = 0
     completed_last_hour: int = 0
+    #: live workers that handle the name (in the total: distinct workers across the names)
+    workers: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
 def _of(counters: dict[str, int], ptimes: list[float], wtimes: list[float],
-        completions: dict[int, int], recent: dict[int, int], now: float) -> NameStats:
+        completions: dict[int, int], recent: dict[int, int], now: float, workers: int) -> NameStats:
     minute = int(now // 60)
     return NameStats(
         # retry and ghost re-runs wait on a timer: they count as delayed
@@ -59,6 +61,7 @@ def _of(counters: dict[str, int], ptimes: list[float], wtimes: list[float],
         # per-second buckets for the last minute, per-minute ones (this and the 59 before) for the hour
         completed_last_minute=sum(n for sec, n in recent.items() if sec > now - 60),
         completed_last_hour=sum(n for m, n in completions.items() if m > minute - 60),
+        workers=workers,
     )
 
 
@@ -72,12 +75,14 @@ class Stats:
     @classmethod
     def from_raw(cls, raw: dict[str, dict[str, Any]]) -> Stats:
         names = {name: _of(r["counters"], r["process_times"], r["wait_times"],
-                           r["completions"], r.get("recent", {}), r["now"]) for name, r in raw.items()}
+                           r["completions"], r.get("recent", {}), r["now"], len(set(r.get("workers", ()))))
+                 for name, r in raw.items()}
         counters: dict[str, int] = {}
         completions: dict[int, int] = {}
         recent: dict[int, int] = {}
         ptimes: list[float] = []
         wtimes: list[float] = []
+        workers: set[str] = set()
         now = 0.0
         for r in raw.values():
             for key, value in r["counters"].items():
@@ -88,8 +93,9 @@ class Stats:
                 recent[key] = recent.get(key, 0) + value
             ptimes += r["process_times"]
             wtimes += r["wait_times"]
+            workers.update(r.get("workers", ()))
             now = r["now"]
-        return cls(names, _of(counters, ptimes, wtimes, completions, recent, now))
+        return cls(names, _of(counters, ptimes, wtimes, completions, recent, now, len(workers)))
 
     def __getitem__(self, name: str) -> NameStats:
         return self.names[name]

@@ -178,9 +178,46 @@ class JobStore:
         with redis_errors(self.client):
             return sorted(text(n) for n in self.client.smembers(self.keys.names))
 
-    def raw_stats(self, names: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """Counters, samples and completion buckets of each name, in one round trip."""
+    # --- the workers that handle each name ------------------------------------
+
+    def announce(self, member: str, names: Sequence[str], ttl: float,
+                 withdrawn: Sequence[str] = ()) -> None:
+        """Worker ``member`` handles ``names`` for ``ttl`` seconds more (Redis clock), and no
+        longer handles ``withdrawn``; the clock and one pipelined call."""
+        if not names and not withdrawn:
+            return
         with redis_errors(self.client):
+            now = redis_now(self.client, self.keys.names)
+            pipe = self.client.pipeline(transaction=False)
+            for name in names:
+                key = self.keys.workers(name)
+                pipe.zadd(key, {member: now + ttl})
+                pipe.zremrangebyscore(key, "-inf", now)
+            for name in withdrawn:
+                pipe.zrem(self.keys.workers(name), member)
+            pipe.execute()
+
+    def _queue_live_workers(self, pipe: Any, name: str, now: float) -> None:
+        """Queue two replies: the expired members dropped, then the live ones."""
+        key = self.keys.workers(name)
+        pipe.zremrangebyscore(key, "-inf", now)
+        pipe.zrangebyscore(key, now, "+inf")
+
+    def live_workers(self, names: Sequence[str]) -> dict[str, list[str]]:
+        """The live workers (``hostname:pid``) that handle each name: the clock and one round trip."""
+        with redis_errors(self.client):
+            now = redis_now(self.client, self.keys.names)
+            pipe = self.client.pipeline(transaction=False)
+            for name in names:
+                self._queue_live_workers(pipe, name, now)
+            replies = pipe.execute()
+        return {name: [text(m) for m in replies[2 * i + 1]] for i, name in enumerate(names)}
+
+    def raw_stats(self, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Counters, samples, completion buckets and live workers of each name: the clock and
+        one round trip."""
+        with redis_errors(self.client):
+            now = redis_now(self.client, self.keys.names)
             pipe = self.client.pipeline(transaction=False)
             for name in names:
                 pipe.hgetall(self.keys.stats(name))
@@ -188,11 +225,11 @@ class JobStore:
                 pipe.lrange(self.keys.process_times(name), 0, 499)
                 pipe.lrange(self.keys.wait_times(name), 0, 499)
                 pipe.hgetall(self.keys.completions(name))
+                self._queue_live_workers(pipe, name, now)
             replies = pipe.execute()
-            now = redis_now(self.client, self.keys.names)
         result = {}
         for i, name in enumerate(names):
-            counters, ptimes, wtimes, done = replies[4 * i: 4 * i + 4]
+            counters, ptimes, wtimes, done, _, workers = replies[6 * i: 6 * i + 6]
             result[name] = {
                 "counters": {text(k): int(v) for k, v in counters.items()},
                 "process_times": [float(x) for x in ptimes],
@@ -200,6 +237,7 @@ class JobStore:
                 # minute buckets; "s<second>" fields are the per-second buckets
                 "completions": {int(k): int(v) for k, v in done.items() if not text(k).startswith("s")},
                 "recent": {int(text(k)[1:]): int(v) for k, v in done.items() if text(k).startswith("s")},
+                "workers": [text(m) for m in workers],
                 "now": now,
             }
         return result

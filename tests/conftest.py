@@ -23,12 +23,15 @@ ROOT = Path(__file__).resolve().parent.parent
 class WorkerProcess:
     """A `celery -A tests.workerapp worker` subprocess in its own process group."""
 
-    def __init__(self, env: dict[str, str], log: Path, concurrency: int, pool: str, name: str) -> None:
+    def __init__(self, env: dict[str, str], log: Path, concurrency: int, pool: str, name: str,
+                 queues: str | None = None) -> None:
         self.log = log
         self._out = open(log, "ab")
         cmd = [sys.executable, "-m", "celery", "-A", "tests.workerapp", "worker",
                "--loglevel", "INFO", "--pool", pool, "--concurrency", str(concurrency),
                "--without-mingle", "--without-gossip", "--hostname", f"{name}@%h"]
+        if queues is not None:
+            cmd += ["--queues", queues]  # -Q
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -56,13 +59,13 @@ def worker_process(tmp_path: Path, kickq_namespace: str,
     started: list[WorkerProcess] = []
 
     def start(concurrency: int = 2, pool: str = "prefork", wait: bool = True,
-              redis_url: str | None = None, **env: Any) -> WorkerProcess:
+              redis_url: str | None = None, queues: str | None = None, **env: Any) -> WorkerProcess:
         environ = {**os.environ, "KICKQ_TEST_NS": kickq_namespace,
                    "KICKQ_TEST_REDIS_URL": redis_url or kickq_redis_url,
                    "PYTHONPATH": str(ROOT)}
         environ.update({f"KICKQ_TEST_{k.upper()}": str(v) for k, v in env.items()})
         name = f"w{len(started)}"
-        worker = WorkerProcess(environ, tmp_path / f"{name}.log", concurrency, pool, name)
+        worker = WorkerProcess(environ, tmp_path / f"{name}.log", concurrency, pool, name, queues)
         started.append(worker)
         if wait:
             worker.wait_ready()

@@ -9,10 +9,12 @@ import sys
 import urllib.error
 import urllib.request
 from datetime import datetime
+from urllib.parse import urlsplit
 
 import pytest
 
-from kickq_celery import JobNotFound
+from kickq_celery import JobFailed, JobNotFound
+from kickq_celery.connection import masked_url
 from kickq_celery.testing import wait_for
 from tests.conftest import ROOT, free_port
 
@@ -102,7 +104,77 @@ def test_jobs_by_state_and_name_paged(run, jobs, kickq):
     assert jobs["beta"] not in table
 
     bad = run("jobs", "--state", "sleeping")
-    assert bad.returncode == 2 and "sleeping" in bad.stderr
+    line = _error_line(bad)
+    assert bad.returncode == 1
+    assert line.startswith("Error: unknown state 'sleeping' for --state; one of queued, delayed, "), line
+    assert "success, fail (or succeeded = success, failed = fail)" in line, line
+
+
+def test_state_aliases_failed_and_succeeded(run, kickq, kickq_worker):
+    @kickq.process("delta")
+    def delta(job):
+        if job.data == "bad":
+            raise ValueError("bad data")
+        return "ok"
+
+    kickq_worker(pool="threads", concurrency=2)
+    good = kickq.create("delta", "good", tombstone=True)
+    bad = kickq.create("delta", "bad", tombstone=True)
+    good.promise.wait()
+    with pytest.raises(JobFailed):
+        bad.promise.wait()
+    for alias, state, job in (("failed", "fail", bad), ("succeeded", "success", good)):
+        listed = json.loads(_ok(run("jobs", "--state", alias, "--json")))
+        assert [j["id"] for j in listed] == [job.id], alias
+        assert listed == json.loads(_ok(run("jobs", "--state", state, "--json")))
+        assert job.id in _ok(run("jobs", "--state", alias))
+
+
+def test_json_before_the_command(run, jobs):
+    for command in (["stats"], ["stats", "gamma"], ["jobs", "--name", "alpha"], ["get", jobs["gamma"]],
+                    ["schedules"]):
+        before, after = run("--json", *command), run(*command, "--json")
+        assert json.loads(_ok(before)) == json.loads(_ok(after)), command
+        assert before.stderr == after.stderr, command
+    assert json.loads(_ok(run("--json", "stats")))["names"]["alpha"]["queued"] == 2
+    assert json.loads(_ok(run("--json", "delete", jobs["beta"]))) == {"id": jobs["beta"], "deleted": True}
+    # errors stay one line with --json before the command
+    line = _error_line(run("--json", "get", "no-such-id"))
+    assert line.startswith("Error: JobNotFound: ")
+
+
+def test_empty_listings_say_where_they_looked(run, kickq, kickq_namespace):
+    where = f"in namespace {kickq_namespace!r} at {masked_url(kickq.redis)}"
+    for args, what in ((["jobs"], "jobs"), (["schedules"], "schedules"), (["stats"], "jobs"),
+                       (["jobs", "--state", "failed", "--name", "x", "--offset", "2"],
+                        "jobs named 'x' in state 'fail' after the first 2")):
+        out = run(*args)
+        assert _ok(out) == f"no {what} {where}\n", args
+        assert out.stderr == ""
+        for json_args in ([*args, "--json"], ["--json", *args]):
+            out = run(*json_args)
+            value = json.loads(_ok(out))  # stdout stays JSON; the line goes to stderr
+            if args[0] == "stats":
+                assert value["names"] == {} and value["total"]["created"] == 0
+            else:
+                assert value == [], json_args
+            assert out.stderr == f"no {what} {where}\n", json_args
+    # a listing with something in it says nothing more
+    kickq.create("alpha", 1)
+    for args in (["jobs"], ["stats"], ["jobs", "--json"], ["stats", "--json"]):
+        out = run(*args)
+        assert "no jobs" not in _ok(out) and out.stderr == "", args
+
+
+def test_empty_listing_masks_the_redis_password(run, kickq_redis_url, kickq_namespace):
+    parts = urlsplit(kickq_redis_url)
+    # the test Redis lets the default user in with any password (unless it has one of its own)
+    url = (kickq_redis_url if parts.password
+           else parts._replace(netloc=f"default:s3cret-pw@{parts.netloc}").geturl())
+    out = run("schedules", redis_url=url)
+    text = _ok(out)
+    assert text.startswith(f"no schedules in namespace {kickq_namespace!r} at "), text
+    assert ":***@" in text and urlsplit(url).password not in text + out.stderr, text
 
 
 def test_get_table_and_json(run, jobs, kickq):
@@ -170,6 +242,12 @@ def test_celery_plugin_uses_the_apps_kickq(jobs, kickq_redis_url, kickq_namespac
 
     data = json.loads(_ok(celery("stats", "--json")))
     assert data["names"]["alpha"]["created"] == 2 and data["total"]["created"] == 4
+    assert json.loads(_ok(celery("--json", "stats"))) == data
+    succeeded = json.loads(_ok(celery("--json", "jobs", "--state", "succeeded")))
+    assert [j["id"] for j in succeeded] == [jobs["gamma"]]
+    empty = celery("--json", "jobs", "--name", "nobody")
+    assert json.loads(_ok(empty)) == []
+    assert empty.stderr.startswith(f"no jobs named 'nobody' in namespace {kickq_namespace!r} at redis")
     assert json.loads(_ok(celery("get", jobs["gamma"], "--json")))["state"] == "success"
     line = _error_line(celery("get", "no-such-id"))
     assert "JobNotFound" in line and kickq_namespace in line

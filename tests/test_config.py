@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import timedelta
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import redis
+from celery import Celery
 
 import kickq_celery
 from kickq_celery import ConfigError, Kickq
+from kickq_celery import options as opts_module
 from kickq_celery.options import OPTIONS
 from kickq_celery.testing import make_app, purge_namespace, wait_for
 
@@ -300,6 +303,103 @@ def test_bad_overrides_and_app_conf_raise_config_error(kickq_redis_url):
         app.conf.kickq_tombstone_timeout = "soon"
         with pytest.raises(ConfigError, match="tombstone_timeout"):
             Kickq(app).options  # noqa: B018 (resolving the options validates app.conf)
+    finally:
+        app.close()
+
+
+@pytest.mark.parametrize("key, value, suggestion", [
+    ("kickq_redis_namspace", "x", "kickq_redis_namespace"),
+    ("kickq_tombstone_timout", 3, "kickq_tombstone_timeout"),
+    ("kickq_retryCount", 2, "kickq_retry_count"),  # camelCase is for Kickq.config(), not settings
+    ("KICKQ_REDIS_NAMESPACE", "x", "kickq_redis_namespace"),  # Celery reads the exact key only
+    ("kickq_redis_namspace", None, "kickq_redis_namespace"),  # even when None
+    ("kickq_zzzzzz", 1, None),
+])
+def test_a_typo_in_app_conf_raises_on_first_read_with_a_suggestion(kickq_redis_url, key, value, suggestion):
+    app = make_app(kickq_redis_url)
+    app.conf.kickq_retry_count = 4  # a good setting beside the typo
+    app.conf[key] = value
+    try:
+        kq = Kickq(app)  # constructing reads no options
+        for _ in range(2):  # nor is the bad setting forgotten after the first failure
+            with pytest.raises(ConfigError) as info:
+                kq.options  # noqa: B018
+            message = str(info.value)
+            assert message.startswith(f"unknown Celery setting {key!r}"), message
+            if suggestion:
+                assert message.endswith(f"; did you mean {suggestion!r}?"), message
+            else:
+                assert "did you mean" not in message
+        del app.conf[key]
+        Kickq.config(retry=False)  # (a config change makes the instance resolve again)
+        assert kq.options["retry_count"] == 4
+    finally:
+        app.close()
+
+
+def test_app_conf_typo_message_is_the_documented_one(kickq_redis_url):
+    app = make_app(kickq_redis_url)
+    app.conf.kickq_redis_namspace = "x"
+    try:
+        with pytest.raises(ConfigError) as info:
+            Kickq(app).options  # noqa: B018
+        assert str(info.value) == ("unknown Celery setting 'kickq_redis_namspace'; "
+                                   "did you mean 'kickq_redis_namespace'?")
+    finally:
+        app.close()
+
+
+def _django_style_app(kickq_redis_url: str, **settings: object) -> Celery:
+    """An app configured like examples/django_project: config_from_object(..., namespace="CELERY")."""
+    app = Celery("django-style", set_as_current=False)
+    app.config_from_object(SimpleNamespace(CELERY_BROKER_URL=kickq_redis_url, **settings), namespace="CELERY")
+    return app
+
+
+def test_django_namespaced_settings_and_their_typos(kickq_redis_url):
+    app = _django_style_app(kickq_redis_url, CELERY_KICKQ_RETRY_COUNT=5, CELERY_KICKQ_REDIS_NAMESPACE="dj",
+                            # a project's own setting: not in Celery's namespace, so not kickq's
+                            KICKQ_API_URL="https://example.com")
+    try:
+        options = Kickq(app).options
+        assert (options["retry_count"], options["redis_namespace"]) == (5, "dj")
+    finally:
+        app.close()
+    app = _django_style_app(kickq_redis_url, CELERY_KICKQ_REDIS_NAMSPACE="dj")
+    try:
+        with pytest.raises(ConfigError) as info:
+            Kickq(app).options  # noqa: B018
+        assert str(info.value) == ("unknown Celery setting 'CELERY_KICKQ_REDIS_NAMSPACE'; "
+                                   "did you mean 'CELERY_KICKQ_REDIS_NAMESPACE'?")
+    finally:
+        app.close()
+
+
+def test_a_config_module_importing_kickq_celery_is_no_typo(kickq_redis_url):
+    module = ModuleType("celeryconfig")
+    module.broker_url = kickq_redis_url  # type: ignore[attr-defined]
+    module.kickq_celery = kickq_celery  # type: ignore[attr-defined]  # `import kickq_celery` in it
+    module.kickq_retry_count = 6  # type: ignore[attr-defined]
+    app = Celery("module-config", set_as_current=False)
+    app.config_from_object(module)
+    try:
+        assert Kickq(app).options["retry_count"] == 6
+    finally:
+        app.close()
+
+
+def test_app_settings_are_checked_once_per_config_change(kickq_redis_url, monkeypatch):
+    app = make_app(kickq_redis_url)
+    calls = []
+    check = opts_module._check_app_setting_names
+    monkeypatch.setattr(opts_module, "_check_app_setting_names", lambda conf: calls.append(1) or check(conf))
+    try:
+        kq = Kickq(app)
+        for _ in range(100):
+            assert kq.options["retry_count"] == 3
+        assert len(calls) == 1
+        Kickq.config(retry_count=2)
+        assert kq.options["retry_count"] == 2 and len(calls) == 2
     finally:
         app.close()
 

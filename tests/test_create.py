@@ -4,7 +4,7 @@ callback, the returned Job, the stored record, and data round trips."""
 from __future__ import annotations
 
 import math
-from datetime import timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -56,6 +56,35 @@ def test_create_returns_a_queued_job(kickq):
     assert record.runs == [] and not record.complete and not record.success
     # its message is in the name's own queue, with the job id as the Celery task id
     assert queue_length(kickq, "resize") == 1
+
+
+def redis_now(kq: Kickq) -> datetime:
+    seconds, micros = kq.redis.time()
+    return datetime.fromtimestamp(seconds + micros / 1e6, tz=timezone.utc)
+
+
+def test_returned_job_carries_data_created_at_and_created(kickq):
+    before = redis_now(kickq)
+    job = kickq.create("resize", DATA)
+    after = redis_now(kickq)
+    assert job.created is True
+    assert same(job.data, DATA)
+    # created_at is the Redis clock of the create itself: exactly the record's, aware UTC
+    record = kickq.get(job.id)
+    assert job.created_at == record.created_at
+    assert job.created_at is not None and job.created_at.tzinfo == timezone.utc
+    assert before <= job.created_at <= after
+    # data is the job's data as stored (JSON), so as get() and the handler see it
+    assert kickq.create("j", (1, 2)).data == [1, 2]
+    assert kickq.create("j").data is None
+    # delayed and tombstoned jobs too, and through the kickq-style callback
+    delayed = kickq.create("j", {"later": True}, delay=60, tombstone=True)
+    assert (delayed.state, delayed.data, delayed.created) == ("delayed", {"later": True}, True)
+    assert delayed.created_at == kickq.get(delayed.id).created_at
+    seen = []
+    via_callback = kickq.create("j", 5, callback=lambda err, job_id, promise: seen.append(job_id))
+    assert via_callback is not None and seen == [via_callback.id]
+    assert (via_callback.data, via_callback.created) == (5, True)
 
 
 def test_data_forms(kickq):
@@ -191,9 +220,12 @@ def test_create_many(kickq):
     jobs = kickq.create_many("batch", items, {"retryCount": 1}, retry=True)
     assert len(jobs) == 25 and len({job.id for job in jobs}) == 25
     for job, item in zip(jobs, items, strict=True):
-        assert (job.name, job.state, job.promise) == ("batch", "queued", None)
+        assert (job.name, job.state, job.promise, job.created) == ("batch", "queued", None, True)
         record = kickq.get(job.id)
         assert same(record.data, item)
+        assert same(job.data, item)
+        # one create script: one creation time, the records'
+        assert job.created_at is not None and job.created_at == record.created_at == jobs[0].created_at
         assert record.flags["retry"] is True and record.flags["retry_count"] == 1
     assert queue_length(kickq, "batch") == 25
     assert kickq.stats("batch").total.created == 25

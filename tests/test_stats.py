@@ -132,7 +132,7 @@ def test_stats_to_dict_is_json_serializable(kickq, kickq_worker):
     assert back["total"]["process_time"]["max"] == stats.total.process_time["max"]
     assert set(back["total"]) == {
         "queued", "delayed", "processing", "created", "succeeded", "failed", "retried", "ghosts",
-        "deleted", "process_time", "wait_time", "completed_last_minute", "completed_last_hour"}
+        "deleted", "process_time", "wait_time", "completed_last_minute", "completed_last_hour", "workers"}
 
 
 def test_timing_samples_are_the_latest_500_runs(kickq):

@@ -71,3 +71,66 @@ def test_plugin_fixtures_work_and_leave_no_keys(pytester, kickq_redis_url):
         # records, indexes, stats, cron, results ({ns}:...), queues (ns.<name>), kombu bindings
         left = [key for pattern in ("*{" + ns + "}*", f"*{ns}.*") for key in client.scan_iter(match=pattern)]
         assert left == [], left
+
+
+APP_MODULE = '''
+from celery import Celery
+
+from kickq_celery import Kickq
+
+app = Celery("proj", broker="redis://127.0.0.1:1/0")  # a broker the tests must not use
+kq = Kickq(app, redis="redis://127.0.0.1:1/0", redis_namespace="production", retry_count=2)
+
+
+@kq.process("double", max_jobs_num=3)
+def double(job):
+    return job.data * 2
+
+
+@kq.process("picky")
+def picky(job):
+    if job.run == 1:
+        raise ValueError("not the first time")
+    return "second"
+'''
+
+USER_TESTS = '''
+from proj_jobs import kq as users_kq
+
+
+def test_celery_results_warn_of_nothing(kickq):
+    kickq.create("double", 1, tombstone=True)  # kickq supplies the result backend on its Redis
+    kickq.app.backend.store_result("some-id", 1, "SUCCESS")  # where redis-py warns of setex
+
+
+def test_the_users_handlers_run_without_registering_them(kickq, kickq_worker, kickq_namespace):
+    assert kickq is not users_kq and kickq.options["redis_namespace"] == kickq_namespace
+    assert kickq.processed == {"double": 3, "picky": None}  # its handlers, with their limits
+    assert kickq.options["retry_count"] == 2  # and its options
+    kickq_worker()
+    assert kickq.create("double", 21, tombstone=True).promise.wait().result == 42
+    job = kickq.create("picky", None, retry=True, retry_interval=0, tombstone=True)
+    assert job.promise.wait().result == "second"
+
+
+def test_the_users_kickq_is_left_as_it_was():
+    assert users_kq.options["redis_namespace"] == "production"
+    assert users_kq.options["redis"] == "redis://127.0.0.1:1/0"
+'''
+
+
+def test_kickq_is_the_users_own_kickq_named_by_the_ini_option(pytester, kickq_redis_url):
+    pytester.makepyfile(proj_jobs=APP_MODULE, test_users=USER_TESTS)
+    pytester.makeini("[pytest]\nkickq_app = proj_jobs:kq\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--timeout", "60")
+    result.assert_outcomes(passed=3)
+    # Celery's Redis result backend calls redis-py's deprecated setex: not the user's concern
+    assert "setex" not in result.stdout.str()
+
+
+def test_the_kickq_app_flag_and_a_bad_name(pytester):
+    pytester.makepyfile(proj_jobs=APP_MODULE, test_users="def test_nothing(kickq):\n    pass\n")
+    good = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--kickq-app", "proj_jobs:kq")
+    good.assert_outcomes(passed=1)
+    bad = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--kickq-app", "proj_jobs:app")
+    assert "kickq_app 'proj_jobs:app' is not a Kickq instance" in bad.stdout.str() + bad.stderr.str()

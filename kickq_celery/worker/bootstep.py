@@ -1,10 +1,14 @@
-"""The worker step: runs the maintenance loops (:mod:`.loops`) in every worker."""
+"""The worker step: runs the maintenance loops (:mod:`.loops`) in every worker, and
+announces the job names the worker handles."""
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from celery import bootsteps
@@ -15,7 +19,7 @@ from ..registry import instances
 # thread: croniter's import runs a subprocess (platform.architecture), and a prefork pool
 # forking meanwhile inherits its pipe, which then blocks the loop thread until that pool
 # process exits.
-from .loops import redelivery_grace, tick
+from .loops import announce, redelivery_grace, tick
 
 logger = logging.getLogger("kickq_celery")
 
@@ -35,6 +39,10 @@ class KickqStep(bootsteps.StartStopStep):  # type: ignore[misc]
         self._thread: threading.Thread | None = None
         self._swept: dict[Any, float] = {}
         self._failing: dict[Any, str] = {}  # scope -> the error its last pass failed with
+        self._hostname = str(getattr(worker, "hostname", None) or socket.gethostname())
+        self._member = ""  # hostname:pid, set in start()
+        # scope -> (time.monotonic(), names) of this worker's last announce
+        self._announced: dict[Any, tuple[float, frozenset[str]]] = {}
 
     def _scopes(self) -> list[Any]:
         """One Kickq instance per (Redis, namespace) in use by the app."""
@@ -43,7 +51,65 @@ class KickqStep(bootsteps.StartStopStep):  # type: ignore[misc]
             seen.setdefault(kq.scope, kq)
         return list(seen.values())
 
+    def _handlers(self) -> dict[Any, dict[str, int | None]]:
+        """Per scope: the job names the app has handlers for (name -> max_jobs_num)."""
+        found: dict[Any, dict[str, int | None]] = {}
+        for kq in instances(self.app):
+            found.setdefault(kq.scope, {}).update(kq.processed)
+        return found
+
+    def _handled(self, kq: Any, handlers: Mapping[str, int | None]) -> list[str]:
+        """The names of ``handlers`` whose queue this worker consumes (``-Q`` may leave some out)."""
+        consumed = self.app.amqp.queues.consume_from
+        return sorted(name for name in handlers if kq.queue(name).name in consumed)
+
+    def _log_names(self) -> None:
+        """One line per namespace: the job names this worker handles, their queues and
+        limits; a warning for each name with a handler whose queue it does not consume."""
+        handlers = self._handlers()
+        for kq in self._scopes():
+            names = handlers.get(kq.scope, {})
+            handled = self._handled(kq, names)
+            namespace = kq.options["redis_namespace"]
+            listed = ", ".join(
+                f"{name} (queue {kq.queue(name).name}, "
+                + ("no max_jobs_num" if names[name] is None else f"max_jobs_num {names[name]}") + ")"
+                for name in handled)
+            logger.info("kickq: namespace %r: this worker handles %s", namespace, listed or "no job names")
+            for name in sorted(set(names) - set(handled)):
+                logger.warning("kickq: this worker has a handler for job %r in namespace %r but does not "
+                               "consume its queue %s (-Q leaves it out): it runs none of these jobs",
+                               name, namespace, kq.queue(name).name)
+
+    def _announce(self, kq: Any) -> None:
+        """Announce the names this worker handles in ``kq``'s scope, every lock_timeout / 2."""
+        last, before = self._announced.get(kq.scope, (None, frozenset()))
+        if self._stop.is_set() or (
+                last is not None and time.monotonic() - last < float(kq.options["lock_timeout"]) / 2):
+            return
+        names = self._handled(kq, self._handlers().get(kq.scope, {}))
+        announce(kq, self._member, names, sorted(before - set(names)))  # -Q changed at run time
+        self._announced[kq.scope] = (time.monotonic(), frozenset(names))
+
+    def _withdraw(self) -> None:
+        """Drop this worker from the names it announced, at once (a warm shutdown)."""
+        announced, self._announced = self._announced, {}
+        for kq in self._scopes():
+            names = announced.get(kq.scope, (0.0, frozenset()))[1]
+            if not names:
+                continue
+            try:
+                announce(kq, self._member, (), sorted(names))
+            except Exception as exc:  # Redis away: the announce expires on its own
+                logger.warning("kickq: could not withdraw this worker's names from %r (%s); they "
+                               "expire within 3 x lock_timeout", kq, exc)
+
     def start(self, worker: Any) -> None:
+        self._member = f"{self._hostname}:{os.getpid()}"
+        try:
+            self._log_names()
+        except Exception:  # a log line must not keep the worker from starting
+            logger.exception("kickq: could not list the job names of this worker")
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="kickq-worker-loops", daemon=True)
         self._thread.start()
@@ -61,6 +127,7 @@ class KickqStep(bootsteps.StartStopStep):  # type: ignore[misc]
                         for name, limit in kq.processed.items():
                             kq.store.set_limit(name, limit)
                         limits_set.add(kq.scope)
+                    self._announce(kq)
                     next_due = tick(kq, sweep)
                     if next_due is not None:
                         wait = min(wait, next_due)
@@ -92,6 +159,7 @@ class KickqStep(bootsteps.StartStopStep):  # type: ignore[misc]
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self._withdraw()
 
     terminate = stop
 

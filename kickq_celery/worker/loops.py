@@ -1,5 +1,6 @@
 """What every worker does besides running jobs: promote parked jobs, reap dead runs,
-publish lost messages again, fire cron ticks, and follow up finished runs.
+publish lost messages again, fire cron ticks, follow up finished runs, and announce
+the names it handles.
 
 Leaderless: each step is one atomic claim in Redis, so running them in many
 workers at once never does anything twice.
@@ -127,6 +128,17 @@ def fire_due(kq: Kickq) -> int:
         except Exception:  # one broken schedule must not stop the others
             logger.exception("kickq: schedule %s could not fire", d.get("key"))
     return fired
+
+
+def worker_ttl(kq: Kickq) -> float:
+    """How long a worker counts as live after it last announced itself."""
+    return 3 * float(kq.options["lock_timeout"])
+
+
+def announce(kq: Kickq, member: str, names: Sequence[str], withdrawn: Sequence[str] = ()) -> None:
+    """Worker ``member`` handles ``names`` for :func:`worker_ttl` more (the worker step
+    refreshes it every lock_timeout / 2), and no longer handles ``withdrawn``."""
+    kq.store.announce(member, names, worker_ttl(kq), withdrawn)
 
 
 def tick(kq: Kickq, sweep: bool = False) -> float | None:
