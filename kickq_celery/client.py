@@ -7,8 +7,10 @@ reached only to register handlers and to add the worker step.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -17,8 +19,8 @@ from celery import Celery
 from kombu.entity import Exchange, Queue
 
 from . import cron as crontab
-from . import plan, registry, settings
-from .connection import Client, client_for, close_all, redis_errors, same_server
+from . import plan, registry, scripts, settings
+from .connection import Client, async_client_for, client_for, close_all, redis_errors, same_server
 from .exceptions import ConfigError, InvalidJobOptions, JobDeleted, JobNotFound, KickqError
 from .keys import STATES, Keys
 from .plan import CreatePlan
@@ -26,8 +28,8 @@ from .promise import Promise
 from .publisher import Publisher, redis_broker_url
 from .records import Job, JobRecord
 from .stats import Stats
-from .store import JobStore
-from .tombstones import ensure_result_backend, settle
+from .store import AsyncJobStore, JobStore
+from .tombstones import asettle, ensure_result_backend, settle
 from .worker.bootstep import install
 from .worker.task import Handler, register_task
 
@@ -82,6 +84,9 @@ class Kickq:
         self._store_key: Any = None
         self._queues: dict[str, Queue] = {}
         self._publisher: Publisher | None = None
+        #: event loop -> (settings, its asyncio store)
+        self._astores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Any, AsyncJobStore]] = (
+            weakref.WeakKeyDictionary())
         #: job name -> max_jobs_num of the names this instance has handlers for
         self.processed: dict[str, int | None] = {}
         #: job name -> its handler
@@ -119,6 +124,20 @@ class Kickq:
                                    options["redis_timeout"])
             self._store_key = key
         return self._store
+
+    @property
+    def astore(self) -> AsyncJobStore:
+        """The store of the running event loop, on an asyncio client of the same Redis."""
+        options = self.options
+        key = (self.scope, options["redis_timeout"], options["redis_wait_replicas"])
+        loop = asyncio.get_running_loop()
+        cached = self._astores.get(loop)
+        if cached is None or cached[0] != key:
+            client = async_client_for(options["redis"], options["redis_timeout"])
+            cached = (key, AsyncJobStore(client, Keys(options["redis_namespace"]),
+                                         options["redis_wait_replicas"], options["redis_timeout"]))
+            self._astores[loop] = cached
+        return cached[1]
 
     @property
     def redis(self) -> Client:
@@ -189,20 +208,27 @@ class Kickq:
         self._warn_if_unhandled(planned.name)
         return jobs
 
-    def _warn_if_unhandled(self, name: str) -> None:
-        """At the first create of ``name`` in this process (only then: no round trip on the
-        others), warn when no live worker handles it. A process with a handler for the name is
-        checked too: registering a handler does not make it a worker."""
+    def _first_create(self, name: str) -> bool:
+        """Whether this is the process's first create of ``name`` (whose workers are then looked
+        up: only then, so the other creates make no extra round trip)."""
         key = (self.scope, name)
         with _handled_lock:
             if key in _handled_checked:
-                return
+                return False
             _handled_checked.add(key)
-        try:
-            live = self.store.live_workers([name])[name]
-        except KickqError as exc:  # the job is written; this is only a hint
-            logger.debug("kickq: could not look up the workers of job %r: %s", name, exc)
-            return
+            return True
+
+    def _warn_if_unhandled(self, name: str) -> None:
+        """At the first create of ``name`` in this process, warn when no live worker handles it.
+        A process with a handler for the name is checked too: registering a handler does not
+        make it a worker."""
+        if self._first_create(name):
+            try:
+                self._warn_unless(self.store.live_workers([name])[name], name)
+            except KickqError as exc:  # the job is written; this is only a hint
+                logger.debug("kickq: could not look up the workers of job %r: %s", name, exc)
+
+    def _warn_unless(self, live: Sequence[str], name: str) -> None:
         if not live:
             logger.warning("kickq: no live worker handles job %r in namespace %r; it waits in its "
                            "queue until one starts", name, self.options["redis_namespace"])
@@ -212,23 +238,9 @@ class Kickq:
         store, publisher, messages = self.store, self.publisher, planned.messages
         queue, task_name = self.queue(planned.name), self.task_name(planned.name)
         if messages and publisher.broker is not None and same_server(publisher.broker, store.client):
-            # records and messages in one MULTI: neither exists without the other
-            with redis_errors(store.client):
-                if not store.wait_replicas:
-                    pipe = store.client.pipeline(transaction=True)
-                    store.queue(planned.call, pipe)
-                    publisher.push(pipe, queue, task_name, planned.process_timeout, messages)
-                    return planned.call.parse(pipe.execute()[0])
-                # the MULTI spelled out, so that WAIT follows it on the same connection
-                pipe = store.client.pipeline(transaction=False)
-                pipe.execute_command("MULTI")
-                store.queue(planned.call, pipe)
-                publisher.push(pipe, queue, task_name, planned.process_timeout, messages)
-                pipe.execute_command("EXEC")
-                pipe.execute_command("WAIT", store.wait_replicas, store.wait_ms)
-                *_, executed, acked = pipe.execute()
-            store.check_replicated(acked)
-            return planned.call.parse(executed[0])
+            # the create script pushes the messages with the records: neither without the other
+            return store.run(planned.call_with(
+                queue.name, publisher.encoded(queue.name, task_name, planned.process_timeout, messages)))
         created = store.run(planned.call)
         try:
             publisher.publish(queue, task_name, planned.process_timeout, messages)
@@ -242,6 +254,85 @@ class Kickq:
 
     def _promise(self, job_id: str, name: str, deadline: float) -> Promise:
         return Promise(job_id, name, self.app.AsyncResult(job_id), deadline)
+
+    # --- asyncio -------------------------------------------------------------
+
+    async def acreate(self, name: str, data: Any = None, opts: Mapping[str, Any] | None = None,
+                      **flags: Any) -> Job:
+        """:meth:`create` for asyncio code: the same validation, job and errors, on an asyncio
+        Redis client (the event loop is never blocked, no thread is used: see the README for a
+        broker that is not Redis)."""
+        return (await self._acreate(name, [data], opts, flags))[0]
+
+    async def acreate_many(self, name: str, items: Iterable[Any], opts: Mapping[str, Any] | None = None,
+                           **flags: Any) -> list[Job]:
+        """:meth:`create_many` for asyncio code."""
+        return await self._acreate(name, list(items), opts, flags)
+
+    async def aget(self, job_id: str) -> JobRecord:
+        """:meth:`get` for asyncio code."""
+        record = await self.astore.get(job_id) if isinstance(job_id, str) else None
+        if record is None:
+            raise JobNotFound(f"no job {job_id!r} in namespace {self.options['redis_namespace']!r}")
+        return record
+
+    async def adelete(self, job_id: str) -> bool:
+        """:meth:`delete` for asyncio code."""
+        if not isinstance(job_id, str):
+            return False
+        deleted = await self.astore.run(scripts.delete(job_id))
+        if deleted.status and deleted.tombstone and not deleted.final:
+            await asettle(self.app, self.store, self.astore, self.options, job_id,
+                          JobDeleted(f"job {job_id} was deleted", job_id, "deleted"))
+        return bool(deleted.status)
+
+    async def astats(self, name: str | None = None) -> Stats:
+        """:meth:`stats` for asyncio code."""
+        store = self.astore
+        names = [name] if name else await store.names()
+        return Stats.from_raw(await store.raw_stats(names))
+
+    async def _acreate(self, name: str, items: Sequence[Any], given: Mapping[str, Any] | None,
+                       flags: Mapping[str, Any]) -> list[Job]:
+        planned = plan.plan_create(self.options, self.horizon, name, items, given, flags)
+        if not planned.jobs:
+            return []
+        if planned.tombstone:
+            ensure_result_backend(self.app, self.redis, self.keys)
+        jobs = planned.created(await self._awrite(planned), self._promise)
+        if self._first_create(planned.name):
+            try:
+                self._warn_unless((await self.astore.live_workers([planned.name]))[planned.name],
+                                  planned.name)
+            except KickqError as exc:
+                logger.debug("kickq: could not look up the workers of job %r: %s", planned.name, exc)
+        return jobs
+
+    async def _awrite(self, planned: CreatePlan) -> float:
+        """:meth:`_write` on the asyncio clients."""
+        store, publisher, messages = self.astore, self.publisher, planned.messages
+        queue, task_name = self.queue(planned.name), self.task_name(planned.name)
+        if messages and publisher.broker is not None and same_server(publisher.broker, self.store.client):
+            # the create script pushes the messages with the records: neither without the other
+            return await store.run(planned.call_with(
+                queue.name, publisher.encoded(queue.name, task_name, planned.process_timeout, messages)))
+        created = await store.run(planned.call)
+        try:
+            if messages and publisher.broker is not None:
+                broker = async_client_for(redis_broker_url(self.app), self.options["redis_timeout"])
+                with redis_errors(broker):
+                    pipe = broker.pipeline(transaction=False)
+                    publisher.push(pipe, queue, task_name, planned.process_timeout, messages)
+                    await pipe.execute()
+            else:  # another broker: kombu's producer, which has no asyncio side
+                publisher.publish(queue, task_name, planned.process_timeout, messages)
+        except Exception as exc:
+            for job_id in planned.ids:  # no record without its message
+                await store.run(scripts.delete(job_id))
+            if isinstance(exc, KickqError):
+                raise
+            raise KickqError(f"could not publish to the Celery broker: {exc}") from exc
+        return created
 
     # --- processing --------------------------------------------------------
 

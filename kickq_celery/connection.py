@@ -11,18 +11,24 @@ again as the first time), a stalled server is not. Connection failures become
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import redis
+import redis.asyncio
+import redis.asyncio.cluster
+import redis.asyncio.retry
+import redis.asyncio.sentinel
 from redis.backoff import ExponentialBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
@@ -39,14 +45,15 @@ _clients: dict[Any, Client] = {}
 _clients_lock = threading.Lock()
 
 
-def _common(timeout: float) -> dict[str, Any]:
-    """Connection settings of every client kickq makes."""
+def _common(timeout: float, asyncio_: bool = False) -> dict[str, Any]:
+    """Connection settings of every client kickq makes (sync, or asyncio's)."""
+    retry = redis.asyncio.retry.Retry if asyncio_ else Retry
     return {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
         # a dropped connection is retried (the scripts are safe to send twice); a timeout is
         # not: a stalled server would otherwise hold the caller for retries x timeout
-        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), 5, supported_errors=(redis.ConnectionError,)),
+        "retry": retry(ExponentialBackoff(cap=1.0, base=0.05), 5, supported_errors=(redis.ConnectionError,)),
         "retry_on_error": [redis.ConnectionError],
         "health_check_interval": 30,
     }
@@ -114,6 +121,67 @@ def client_for(setting: Any, timeout: float = 5.0) -> Client:
                 client = redis.Redis(**{**_common(timeout), **setting})
             _clients[key] = client
     return client
+
+
+# --- asyncio clients: one per setting and event loop ----------------------------------
+
+#: the asyncio client kickq makes (its connections belong to one event loop)
+AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
+
+_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, AsyncClient]] = (
+    weakref.WeakKeyDictionary())
+
+
+def async_client_for(setting: Any, timeout: float = 5.0) -> AsyncClient:
+    """The asyncio twin of :func:`client_for` for the running event loop: the same server, the
+    same timeouts and retries. A sync client given as the setting is followed to its server."""
+    per_loop = _async_clients.setdefault(asyncio.get_running_loop(), {})
+    key = (setting if isinstance(setting, str)
+           else id(setting) if isinstance(setting, (redis.Redis, RedisCluster))
+           else json.dumps(setting, sort_keys=True, default=str), timeout)
+    client = per_loop.get(key)
+    if client is None:
+        client = per_loop[key] = _async_client(setting, timeout)
+    return client
+
+
+def _async_client(setting: Any, timeout: float) -> AsyncClient:
+    common = _common(timeout, asyncio_=True)
+    if isinstance(setting, RedisCluster):
+        nodes = [redis.asyncio.cluster.ClusterNode(n.host, n.port) for n in setting.get_primaries()]
+        kwargs = setting.nodes_manager.connection_kwargs
+        return redis.asyncio.cluster.RedisCluster(
+            startup_nodes=nodes, username=kwargs.get("username"), password=kwargs.get("password"),
+            socket_timeout=timeout, socket_connect_timeout=timeout)
+    if isinstance(setting, redis.Redis):
+        pool = setting.connection_pool
+        kwargs = {k: v for k, v in pool.connection_kwargs.items()
+                  if k in ("host", "port", "db", "username", "password", "path")}
+        if isinstance(pool, SentinelConnectionPool):
+            primary: redis.asyncio.Redis = redis.asyncio.sentinel.Sentinel(
+                _sentinel_hosts(pool), **common).master_for(
+                pool.service_name, db=kwargs.get("db", 0), username=kwargs.get("username"),
+                password=kwargs.get("password"))
+            return primary
+        if "path" in kwargs:
+            kwargs["unix_socket_path"] = kwargs.pop("path")
+        if is_tls(setting):
+            kwargs.update({k: v for k, v in pool.connection_kwargs.items() if k.startswith("ssl_")}, ssl=True)
+        return redis.asyncio.Redis(**{**common, **kwargs})
+    if isinstance(setting, str) and setting.startswith("redis+sentinel://"):
+        user, password, netloc, path, _ = _split(setting)
+        sentinel = redis.asyncio.sentinel.Sentinel(_hosts(netloc, 26379), **common)
+        client: redis.asyncio.Redis = sentinel.master_for(
+            path[0], db=int(path[1]) if len(path) > 1 else 0, username=user, password=password)
+        return client
+    if isinstance(setting, str) and setting.startswith("redis+cluster://"):
+        user, password, netloc, _, _ = _split(setting)
+        return redis.asyncio.cluster.RedisCluster(
+            startup_nodes=[redis.asyncio.cluster.ClusterNode(h, p) for h, p in _hosts(netloc, 6379)],
+            username=user, password=password, socket_timeout=timeout, socket_connect_timeout=timeout)
+    if isinstance(setting, str):
+        return redis.asyncio.Redis.from_url(setting, **common)
+    return redis.asyncio.Redis(**{**common, **setting})
 
 
 def close_all() -> None:
@@ -226,13 +294,26 @@ os.register_at_fork(after_in_child=_after_fork)
 # --- about a client -------------------------------------------------------------
 
 
+#: a client of either kind (sync or asyncio), for the helpers that only look at its settings
+AnyClient = Client | AsyncClient
+_CLUSTERS = (RedisCluster, redis.asyncio.cluster.RedisCluster)
+_SENTINEL_POOLS = (SentinelConnectionPool, redis.asyncio.sentinel.SentinelConnectionPool)
+
+
+def _sentinel_hosts(pool: Any) -> list[tuple[str, int]]:
+    """The (host, port) of each sentinel a pool asks."""
+    return [(s.connection_pool.connection_kwargs["host"], s.connection_pool.connection_kwargs["port"])
+            for s in pool.sentinel_manager.sentinels]
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _kwargs(client: Client, key: str | None = None) -> dict[str, Any]:
-    if isinstance(client, RedisCluster):
+def _kwargs(client: AnyClient, key: str | None = None) -> dict[str, Any]:
+    if isinstance(client, _CLUSTERS):
         node = client.get_node_from_key(key) if key else client.get_default_node()
+        assert node is not None
         return {"host": node.host, "port": node.port, **client.nodes_manager.connection_kwargs}
     return client.connection_pool.connection_kwargs
 
@@ -258,10 +339,11 @@ def same_server(a: Client, b: Client) -> bool:
     return all(ka.get(k) == kb.get(k) for k in ("host", "port", "path", "db"))
 
 
-def is_tls(client: Client) -> bool:
-    if isinstance(client, RedisCluster):
+def is_tls(client: AnyClient) -> bool:
+    if isinstance(client, _CLUSTERS):
         return bool(client.nodes_manager.connection_kwargs.get("ssl"))
-    return issubclass(client.connection_pool.connection_class, redis.SSLConnection)
+    return issubclass(client.connection_pool.connection_class,
+                      (redis.SSLConnection, redis.asyncio.SSLConnection))
 
 
 def backend_url(client: Client, key: str | None = None) -> str:
@@ -274,9 +356,7 @@ def backend_url(client: Client, key: str | None = None) -> str:
     auth = f"{user}:{password}@" if password else ""
     pool = getattr(client, "connection_pool", None)
     if isinstance(pool, SentinelConnectionPool):
-        hosts = ";".join(f"sentinel://{auth}{s.connection_pool.connection_kwargs['host']}:"
-                         f"{s.connection_pool.connection_kwargs['port']}"
-                         for s in pool.sentinel_manager.sentinels)
+        hosts = ";".join(f"sentinel://{auth}{host}:{port}" for host, port in _sentinel_hosts(pool))
         return f"{hosts}/{kw.get('db', 0)}"
     address = f"{auth}{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
     return f"rediss://{address}{_ssl_query(kw)}" if is_tls(client) else f"redis://{address}"
@@ -294,17 +374,15 @@ def _ssl_query(kw: dict[str, Any]) -> str:
     return "?" + urlencode(params)
 
 
-def masked_url(client: Client) -> str:
+def masked_url(client: AnyClient) -> str:
     """The client's address with any password hidden, for error messages."""
     pool = getattr(client, "connection_pool", None)
     kwargs = _kwargs(client)
     auth = ":***@" if kwargs.get("password") else ""
-    if isinstance(pool, SentinelConnectionPool):
-        hosts = ",".join(f"{s.connection_pool.connection_kwargs['host']}:"
-                         f"{s.connection_pool.connection_kwargs['port']}"
-                         for s in pool.sentinel_manager.sentinels)
+    if isinstance(pool, _SENTINEL_POOLS):
+        hosts = ",".join(f"{host}:{port}" for host, port in _sentinel_hosts(pool))
         return f"redis+sentinel://{auth}{hosts}/{pool.service_name}/{kwargs.get('db', 0)}"
-    if isinstance(client, RedisCluster):
+    if isinstance(client, _CLUSTERS):
         hosts = ",".join(f"{n.host}:{n.port}" for n in client.get_primaries())
         return f"redis+cluster://{auth}{hosts}"
     if "path" in kwargs:
@@ -323,7 +401,7 @@ def mask(url: str) -> str:
 
 
 @contextmanager
-def redis_errors(client: Client) -> Iterator[None]:
+def redis_errors(client: AnyClient) -> Iterator[None]:
     """Turn redis-py connection failures into :class:`RedisUnavailable` (and wait out a
     Sentinel failover under way first)."""
     follower = _followers.get(id(getattr(client, "connection_pool", None)))

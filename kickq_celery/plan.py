@@ -123,6 +123,12 @@ class CreatePlan:
         return scripts.create(self.name, json.dumps(self.flags), self.process_timeout, self.tombstone,
                               self.delay, self.park, self.jobs)
 
+    def call_with(self, queue: str, envelopes: Sequence[str]) -> scripts.Call[float]:
+        """The create script's call that also pushes each job's message (``envelopes``, one per
+        job, as the broker keeps them) onto ``queue``, on a broker that is the same Redis."""
+        return scripts.create(self.name, json.dumps(self.flags), self.process_timeout, self.tombstone,
+                              self.delay, self.park, self.jobs, queue, envelopes)
+
     def tick_call(self, schedule_key: str, tick_at: float) -> scripts.Call[bool]:
         """The call that claims a cron tick and creates this (one) job with it."""
         return scripts.tick(schedule_key, tick_at, self.name, json.dumps(self.flags), self.process_timeout,

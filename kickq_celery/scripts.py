@@ -45,11 +45,13 @@ def _opt(value: float | None) -> str:
 
 @dataclass(frozen=True)
 class Call(Generic[T]):
-    """One script call: its ARGV (the namespace prefix is its one key), and how to read the reply."""
+    """One script call: its ARGV, the keys it declares besides the namespace prefix (always
+    KEYS[1]), and how to read the reply."""
 
     script: str
     args: tuple[Any, ...]
     parse: Callable[[Any], T]
+    keys: tuple[str, ...] = ()
 
     @property
     def replays(self) -> bool:
@@ -156,11 +158,18 @@ def _overdue(reply: Sequence[Any]) -> list[Claimed]:
 
 
 def create(name: str, flags_json: str, process_timeout: float | None, tombstone: bool, delay: float,
-           park: bool, jobs: Sequence[tuple[str, str]]) -> Call[float]:
-    """Write job records (id, data_json pairs); replies the creation time (Redis clock)."""
-    pairs = [item for job in jobs for item in job]
+           park: bool, jobs: Sequence[tuple[str, str]], queue: str | None = None,
+           messages: Sequence[str] = ()) -> Call[float]:
+    """Write job records (id, data_json pairs), and with ``queue`` (the broker's list on the same
+    Redis) push each new job's message with it; replies the creation time (Redis clock)."""
+    if queue is None:
+        items = [item for job in jobs for item in job]
+        return Call("create", (name, flags_json, _opt(process_timeout), int(tombstone), delay, int(park),
+                               *items), float)
+    items = [item for (job_id, data), message in zip(jobs, messages, strict=True)
+             for item in (job_id, data, message)]
     return Call("create", (name, flags_json, _opt(process_timeout), int(tombstone), delay, int(park),
-                           *pairs), float)
+                           *items), float, (queue,))
 
 
 def start(job_id: str, attempt: int, token: str, lock_timeout: float) -> Call[Started]:

@@ -6,15 +6,18 @@ so concurrent workers, promoters and reapers never see or leave half a transitio
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import redis
+import redis.asyncio.cluster
 from redis.cluster import RedisCluster
 
 from . import scripts
-from .connection import Client, masked_url, redis_errors, redis_now
+from .connection import AsyncClient, Client, masked_url, redis_errors, redis_now
 from .exceptions import ConfigError, RedisUnavailable
 from .keys import FINAL_STATES, STATES, Keys
 from .records import JobRecord
@@ -47,6 +50,7 @@ class JobStore:
         self.wait_replicas = wait_replicas
         self.wait_ms = max(1, int(timeout * 500))
         self._scripts = {name: client.register_script(src) for name, src in scripts.SOURCES.items()}
+        self.shas = {name: script.sha for name, script in self._scripts.items()}
         self._unanswered: dict[tuple[Any, ...], tuple[float, Call[Any]]] = {}
 
     def run(self, call: Call[T]) -> T:
@@ -71,14 +75,29 @@ class JobStore:
             raise
 
     def _send(self, call: Call[T]) -> T:
+        if self.wait_replicas and call.script in REPLICATED:
+            return self.pipelined(call)
         with redis_errors(self.client):
-            if not self.wait_replicas or call.script not in REPLICATED:
-                return call.parse(self._scripts[call.script](keys=[self.keys.prefix], args=call.args))
-            pipe = self.client.pipeline(transaction=False)  # WAIT on the connection that wrote
-            self.queue(call, pipe)
-            reply, acked = pipe.execute_command("WAIT", self.wait_replicas, self.wait_ms).execute()
-        self.check_replicated(acked)
-        return call.parse(reply)
+            return call.parse(self._scripts[call.script](keys=[self.keys.prefix, *call.keys], args=call.args))
+
+    def pipelined(self, call: Call[T]) -> T:
+        """Send ``call`` in a pipeline, followed on the same connection by WAIT when
+        ``wait_replicas`` asks for it. The script goes by its SHA (no SCRIPT EXISTS round trip
+        first); should Redis have lost it, the scripts are loaded and the call sent again."""
+        for again in (False, True):
+            pipe = self.client.pipeline(transaction=False)
+            queue_pipelined(self, call, pipe)
+            with redis_errors(self.client):
+                replies = pipe.execute(raise_on_error=False)
+            try:
+                return parse_pipelined(self, call, replies)
+            except redis.exceptions.NoScriptError:
+                if again:
+                    raise
+                with redis_errors(self.client):
+                    for script in self._scripts.values():
+                        self.client.script_load(script.script)
+        raise AssertionError("unreachable")
 
     def check_replicated(self, acked: int) -> None:
         """Raise RedisUnavailable when fewer than ``wait_replicas`` replicas acknowledged a write."""
@@ -86,10 +105,6 @@ class JobStore:
             raise RedisUnavailable(
                 f"kickq's write reached {acked} of the {self.wait_replicas} replicas it waits for "
                 f"(redis_wait_replicas) at {masked_url(self.client)} within {self.wait_ms} ms")
-
-    def queue(self, call: Call[Any], pipe: Any) -> None:
-        """Queue a script call on a pipeline (its reply is ``call.parse(pipe.execute()[i])``)."""
-        self._scripts[call.script](keys=[self.keys.prefix], args=call.args, client=pipe)
 
     # --- transitions -------------------------------------------------------
 
@@ -131,10 +146,7 @@ class JobStore:
 
     def get(self, job_id: str) -> JobRecord | None:
         with redis_errors(self.client):
-            raw = self.client.hgetall(self.keys.job(job_id))
-        if not raw:
-            return None
-        return JobRecord.from_hash({text(k): text(v) for k, v in raw.items()})
+            return record_from(self.client.hgetall(self.keys.job(job_id)))
 
     def job_ids(self, state: str, offset: int = 0, count: int = 100) -> list[str]:
         """Ids in one state: waiting ones by due time, running ones by heartbeat deadline,
@@ -197,19 +209,13 @@ class JobStore:
                 pipe.zrem(self.keys.workers(name), member)
             pipe.execute()
 
-    def _queue_live_workers(self, pipe: Any, name: str, now: float) -> None:
-        """Queue two replies: the expired members dropped, then the live ones."""
-        key = self.keys.workers(name)
-        pipe.zremrangebyscore(key, "-inf", now)
-        pipe.zrangebyscore(key, now, "+inf")
-
     def live_workers(self, names: Sequence[str]) -> dict[str, list[str]]:
         """The live workers (``hostname:pid``) that handle each name: the clock and one round trip."""
         with redis_errors(self.client):
             now = redis_now(self.client, self.keys.names)
             pipe = self.client.pipeline(transaction=False)
             for name in names:
-                self._queue_live_workers(pipe, name, now)
+                queue_live_workers(self.keys, pipe, name, now)
             replies = pipe.execute()
         return {name: [text(m) for m in replies[2 * i + 1]] for i, name in enumerate(names)}
 
@@ -219,25 +225,228 @@ class JobStore:
         with redis_errors(self.client):
             now = redis_now(self.client, self.keys.names)
             pipe = self.client.pipeline(transaction=False)
+            queue_stats(self.keys, pipe, names, now)
+            return parse_stats(names, pipe.execute(), now)
+
+
+def queue_pipelined(store: JobStore | AsyncJobStore, call: Call[Any], pipe: Any) -> None:
+    """Queue what :meth:`JobStore.pipelined` sends (on a sync or an asyncio pipeline)."""
+    pipe.evalsha(store.shas[call.script], 1 + len(call.keys), store.keys.prefix, *call.keys, *call.args)
+    if store.wait_replicas and call.script in REPLICATED:
+        pipe.execute_command("WAIT", store.wait_replicas, store.wait_ms)
+
+
+def parse_pipelined(store: JobStore | AsyncJobStore, call: Call[T], replies: list[Any]) -> T:
+    """The reply of the call :func:`queue_pipelined` queued (its error raised)."""
+    acked = replies.pop() if store.wait_replicas and call.script in REPLICATED else None
+    reply = replies[0]
+    if isinstance(reply, Exception):
+        raise reply
+    if acked is not None:
+        store.check_replicated(acked)
+    return call.parse(reply)
+
+
+Batch = list[tuple[Call[Any], list[asyncio.Future[Any]]]]
+
+
+def merged(batch: list[tuple[Call[Any], asyncio.Future[Any]]]) -> Batch:
+    """The calls of a batch, creates of one name and flags (the first six ARGV) and queue merged
+    into one create of all their jobs: each job is written as it would have been alone."""
+    out: Batch = []
+    creates: dict[tuple[Any, ...], int] = {}
+    for call, future in batch:
+        if call.script != "create":
+            out.append((call, [future]))
+            continue
+        key = (call.keys, *call.args[:6])
+        if key in creates:
+            first, futures = out[creates[key]]
+            out[creates[key]] = (replace(first, args=(*first.args, *call.args[6:])), [*futures, future])
+        else:
+            creates[key] = len(out)
+            out.append((call, [future]))
+    return out
+
+
+def settle_all(futures: list[asyncio.Future[Any]], result: Any = None,
+               error: BaseException | None = None) -> None:
+    for future in futures:
+        if not future.done():
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+
+def queue_live_workers(keys: Keys, pipe: Any, name: str, now: float) -> None:
+    """Queue two replies: the expired members dropped, then the live ones."""
+    key = keys.workers(name)
+    pipe.zremrangebyscore(key, "-inf", now)
+    pipe.zrangebyscore(key, now, "+inf")
+
+
+def queue_stats(keys: Keys, pipe: Any, names: Sequence[str], now: float) -> None:
+    """Queue the reads of :func:`parse_stats` on a pipeline (sync or asyncio)."""
+    for name in names:
+        pipe.hgetall(keys.stats(name))
+        # the latest 500 (the scripts trim the lists to that now and then)
+        pipe.lrange(keys.process_times(name), 0, 499)
+        pipe.lrange(keys.wait_times(name), 0, 499)
+        pipe.hgetall(keys.completions(name))
+        queue_live_workers(keys, pipe, name, now)
+
+
+def parse_stats(names: Sequence[str], replies: Sequence[Any], now: float) -> dict[str, dict[str, Any]]:
+    """What :func:`queue_stats` read, per name."""
+    result = {}
+    for i, name in enumerate(names):
+        counters, ptimes, wtimes, done, _, workers = replies[6 * i: 6 * i + 6]
+        result[name] = {
+            "counters": {text(k): int(v) for k, v in counters.items()},
+            "process_times": [float(x) for x in ptimes],
+            "wait_times": [float(x) for x in wtimes],
+            # minute buckets; "s<second>" fields are the per-second buckets
+            "completions": {int(k): int(v) for k, v in done.items() if not text(k).startswith("s")},
+            "recent": {int(text(k)[1:]): int(v) for k, v in done.items() if text(k).startswith("s")},
+            "workers": [text(m) for m in workers],
+            "now": now,
+        }
+    return result
+
+
+def record_from(raw: dict[Any, Any]) -> JobRecord | None:
+    """A job record from its hash (None when the hash is empty: no such job)."""
+    return JobRecord.from_hash({text(k): text(v) for k, v in raw.items()}) if raw else None
+
+
+class AsyncJobStore:
+    """The asyncio twin of :class:`JobStore`: the same script calls and reads, awaited on a
+    ``redis.asyncio`` client of the same server (the create/read/delete/stats side only)."""
+
+    def __init__(self, client: AsyncClient, keys: Keys, wait_replicas: int = 0, timeout: float = 5.0) -> None:
+        if wait_replicas and isinstance(client, redis.asyncio.cluster.RedisCluster):
+            raise ConfigError("redis_wait_replicas is not supported on a Redis Cluster")
+        self.client = client
+        self.keys = keys
+        self.wait_replicas = wait_replicas
+        self.wait_ms = max(1, int(timeout * 500))
+        self._scripts = {name: client.register_script(src) for name, src in scripts.SOURCES.items()}
+        self.shas = {name: script.sha for name, script in self._scripts.items()}
+        self._batch: list[tuple[Call[Any], asyncio.Future[Any]]] = []
+        self._in_flight = False
+        self._draining: set[asyncio.Task[None]] = set()
+
+    async def run(self, call: Call[T]) -> T:
+        """Send one script call and parse its reply (see :meth:`JobStore.pipelined`). A call
+        made while another round trip is under way waits for it, then goes out with the others
+        that came meanwhile in one round trip, creates of one name and flags merged into one
+        create (as ``create_many`` makes): many tasks creating at once cost few round trips."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        if self._in_flight:
+            self._batch.append((call, future))
+            return await future
+        self._in_flight = True
+        try:
+            await self._flush([(call, [future])])
+        finally:
+            if self._batch:
+                task = asyncio.ensure_future(self._drain())  # keeps _in_flight until it is done
+                self._draining.add(task)
+                task.add_done_callback(self._draining.discard)
+            else:
+                self._in_flight = False
+        return future.result()
+
+    async def _drain(self) -> None:
+        try:
+            while self._batch:
+                batch, self._batch = self._batch, []
+                await self._flush(merged(batch))
+        finally:
+            self._in_flight = False
+
+    async def _flush(self, batch: Batch, again: bool = False) -> None:
+        """Send the calls in one pipeline and settle each one's futures with its reply."""
+        if isinstance(self.client, redis.asyncio.cluster.RedisCluster):
+            # cluster pipelines take no scripts: one call at a time, each routed by its key
+            for call, futures in batch:
+                try:
+                    with redis_errors(self.client):
+                        reply = await self._scripts[call.script](keys=[self.keys.prefix, *call.keys],
+                                                                 args=call.args)
+                    settle_all(futures, call.parse(reply))
+                except Exception as exc:
+                    settle_all(futures, error=exc)
+            return
+        pipe = self.client.pipeline(transaction=False)
+        ends = []
+        for call, _ in batch:
+            queue_pipelined(self, call, pipe)
+            ends.append(len(pipe.command_stack))
+        try:
+            with redis_errors(self.client):
+                replies = await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # Redis away: every call of the batch fails
+            for _, futures in batch:
+                settle_all(futures, error=exc)
+            return
+        lost_scripts = []
+        for (call, futures), start, end in zip(batch, [0, *ends], ends, strict=False):
+            try:
+                settle_all(futures, parse_pipelined(self, call, replies[start:end]))
+            except redis.exceptions.NoScriptError as exc:
+                if again:
+                    settle_all(futures, error=exc)
+                else:
+                    lost_scripts.append((call, futures))
+            except Exception as exc:
+                settle_all(futures, error=exc)
+        if lost_scripts:  # Redis lost the scripts (a restart): load them, send those calls again
+            try:
+                with redis_errors(self.client):
+                    for script in self._scripts.values():
+                        await self.client.script_load(script.script)
+            except Exception as exc:
+                for _, futures in lost_scripts:
+                    settle_all(futures, error=exc)
+                return
+            await self._flush(lost_scripts, again=True)
+
+    def check_replicated(self, acked: int) -> None:
+        if acked < self.wait_replicas:
+            raise RedisUnavailable(
+                f"kickq's write reached {acked} of the {self.wait_replicas} replicas it waits for "
+                f"(redis_wait_replicas) at {masked_url(self.client)} within {self.wait_ms} ms")
+
+    async def now(self) -> float:
+        if isinstance(self.client, redis.asyncio.cluster.RedisCluster):
+            node = self.client.get_node_from_key(self.keys.names)
+            seconds, micros = await self.client.time(target_nodes=node)
+        else:
+            seconds, micros = await self.client.time()
+        return float(seconds + micros / 1e6)
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        with redis_errors(self.client):
+            return record_from(await self.client.hgetall(self.keys.job(job_id)))
+
+    async def names(self) -> list[str]:
+        with redis_errors(self.client):
+            return sorted(text(n) for n in await self.client.smembers(self.keys.names))
+
+    async def live_workers(self, names: Sequence[str]) -> dict[str, list[str]]:
+        with redis_errors(self.client):
+            now = await self.now()
+            pipe = self.client.pipeline(transaction=False)
             for name in names:
-                pipe.hgetall(self.keys.stats(name))
-                # the latest 500 (the scripts trim the lists to that now and then)
-                pipe.lrange(self.keys.process_times(name), 0, 499)
-                pipe.lrange(self.keys.wait_times(name), 0, 499)
-                pipe.hgetall(self.keys.completions(name))
-                self._queue_live_workers(pipe, name, now)
-            replies = pipe.execute()
-        result = {}
-        for i, name in enumerate(names):
-            counters, ptimes, wtimes, done, _, workers = replies[6 * i: 6 * i + 6]
-            result[name] = {
-                "counters": {text(k): int(v) for k, v in counters.items()},
-                "process_times": [float(x) for x in ptimes],
-                "wait_times": [float(x) for x in wtimes],
-                # minute buckets; "s<second>" fields are the per-second buckets
-                "completions": {int(k): int(v) for k, v in done.items() if not text(k).startswith("s")},
-                "recent": {int(text(k)[1:]): int(v) for k, v in done.items() if text(k).startswith("s")},
-                "workers": [text(m) for m in workers],
-                "now": now,
-            }
-        return result
+                queue_live_workers(self.keys, pipe, name, now)
+            replies = await pipe.execute()
+        return {name: [text(m) for m in replies[2 * i + 1]] for i, name in enumerate(names)}
+
+    async def raw_stats(self, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+        with redis_errors(self.client):
+            now = await self.now()
+            pipe = self.client.pipeline(transaction=False)
+            queue_stats(self.keys, pipe, names, now)
+            return parse_stats(names, await pipe.execute(), now)

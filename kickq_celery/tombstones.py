@@ -10,15 +10,16 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from celery import Celery
+from celery import Celery, states
 from celery.backends.base import BaseKeyValueStoreBackend, DisabledBackend
+from celery.backends.redis import RedisBackend
 
 from .connection import Client, backend_url, sentinel_service
 from .exceptions import JobFailed
 from .keys import Keys
 
 if TYPE_CHECKING:
-    from .store import JobStore
+    from .store import AsyncJobStore, JobStore
 
 
 def ensure_result_backend(app: Celery, client: Client, keys: Keys) -> None:
@@ -54,3 +55,29 @@ def settle(app: Celery, store: JobStore, options: Mapping[str, Any], job_id: str
     if options["purge_jobs"] and isinstance(backend, BaseKeyValueStoreBackend):
         # the result goes with the job's record (purge_timeout), not after Celery's result_expires
         backend.expire(backend.get_key_for_task(job_id), max(1, math.ceil(options["purge_timeout"])))
+
+
+
+async def asettle(app: Celery, store: JobStore, astore: AsyncJobStore, options: Mapping[str, Any],
+                  job_id: str, outcome: Any) -> None:
+    """:func:`settle` from asyncio code. When the backend is the one kickq supplies on its own
+    Redis, the result meta Celery's Redis backend would write is written (SET with its expiry,
+    then PUBLISH, as the backend does) through ``astore``'s asyncio client; else this is the
+    backend's own, blocking call."""
+    ensure_result_backend(app, store.client, store.keys)
+    backend = app.backend
+    if not (isinstance(backend, RedisBackend)
+            and app.conf.result_backend == backend_url(store.client, store.keys.result_prefix)):
+        settle(app, store, options, job_id, outcome)
+        return
+    failed = isinstance(outcome, JobFailed)
+    state = states.FAILURE if failed else states.SUCCESS
+    result = backend.prepare_exception(outcome) if failed else outcome
+    meta = {**backend._get_result_meta(result=result, state=state, traceback=None, request=None),
+            "task_id": job_id}
+    value, key = backend.encode(meta), backend.get_key_for_task(job_id)
+    expires = max(1, math.ceil(options["purge_timeout"])) if options["purge_jobs"] else backend.expires
+    pipe = astore.client.pipeline(transaction=False)
+    pipe.set(key, value, ex=int(expires) if expires else None)
+    pipe.publish(key, value)
+    await pipe.execute()

@@ -6,6 +6,7 @@ each run in Redis lists under ``test:<namespace>:`` so that tests can count runs
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import uuid
@@ -122,3 +123,21 @@ def fail_first(job):
     if job.run == 1:
         raise RuntimeError("first run fails on purpose")
     return job.run
+
+
+@kq.process("asleep")
+async def asleep(job):
+    """An async handler: records ``<pid>:<id of its running loop>`` in ``loops``, awaits
+    ``asyncio.sleep(job.data)`` (0.05 s by default; records in ``stopped`` when that is cut short),
+    returns what it saw; data ``"fail"`` raises after the sleep."""
+    loop = f"{os.getpid()}:{id(asyncio.get_running_loop())}"
+    r.rpush(PREFIX + "loops", loop)
+    try:
+        await asyncio.sleep(0.05 if job.data in (None, "fail") else float(job.data))
+    except BaseException:
+        r.rpush(PREFIX + "stopped", job.id)
+        raise
+    if job.data == "fail":
+        raise ValueError("the async handler fails on purpose")
+    r.rpush(PREFIX + "runs", job.id)
+    return {"slept": job.data, "loop": loop}

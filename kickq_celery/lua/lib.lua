@@ -74,10 +74,12 @@ local function park(id, due)
   end
 end
 
--- Create jobs of one name with the same flags, from ARGV[first] on as id, data_json pairs.
--- A job is parked when `parked` (delayed past the horizon, or a cron tick's job).
+-- Create jobs of one name with the same flags, from ARGV[first] on as id, data_json pairs, or
+-- with `queue` (the Celery queue's list on this same Redis, a broker) id, data_json, message
+-- triples: each new job's message is pushed with its record, so neither exists without the
+-- other. A job is parked when `parked` (delayed past the horizon, or a cron tick's job).
 -- Returns the creation time (text).
-local function create_jobs(name, flags, ptimeout, tombstone, delay, parked, first)
+local function create_jobs(name, flags, ptimeout, tombstone, delay, parked, first, queue)
   local t, ts = now()
   local due = delay > 0 and fmt(t + delay) or ts
   local state = 'queued'
@@ -86,7 +88,8 @@ local function create_jobs(name, flags, ptimeout, tombstone, delay, parked, firs
   if ptimeout ~= '' then extra = {'ptimeout', ptimeout} end
   if tombstone == '1' then table.insert(extra, 'tombstone'); table.insert(extra, '1') end
   local n = 0
-  for i = first, #ARGV, 2 do
+  local stride = queue and 3 or 2
+  for i = first, #ARGV, stride do
     local id = ARGV[i]
     -- an id that exists is this call again (redis-py re-sends a command whose reply a dropped
     -- connection lost): writing it twice would reset a job a worker may have started
@@ -97,6 +100,7 @@ local function create_jobs(name, flags, ptimeout, tombstone, delay, parked, firs
         'attempt', '1', 'runs', '[]', unpack(extra))
       redis.call('ZADD', P .. 'idx:' .. state, due, id)
       if parked then park(id, due) end
+      if queue then redis.call('LPUSH', queue, ARGV[i + 2]) end
       n = n + 1
     end
   end

@@ -11,16 +11,27 @@ trackers see the truth: a message that starts no run ends as ``Ignore``, a faile
 run that will run again as ``Retry`` (``task_retry``), a final failure raises the
 handler's own exception (``task_failure``, with its traceback), a success returns
 the handler's result.
+
+A handler may be ``async def`` (or return any awaitable): it is awaited on an event loop of
+the thread's own, made on first use and kept for the next jobs (one per pool process with
+prefork and solo, one per thread with threads; made again after a fork, closed when its
+thread ends), and its outcome counts exactly as a sync handler's.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
 import json
 import logging
+import os
+import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +65,50 @@ class Outcome:
     traceback: str = ""
 
 logger = logging.getLogger("kickq_celery")
+
+
+class _ThreadLoop:
+    """An event loop of one thread of one process, closed when its thread ends (or at exit)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        weakref.finalize(self, _close_loop, self.loop, self.pid)
+
+
+def _close_loop(loop: asyncio.AbstractEventLoop, pid: int) -> None:
+    if os.getpid() == pid and not loop.is_running() and not loop.is_closed():
+        loop.close()  # never a loop inherited through fork: it is the parent's
+
+
+_loops = threading.local()
+
+
+def event_loop() -> asyncio.AbstractEventLoop:
+    """This thread's event loop for async handlers: made on first use, then reused; a process
+    forked from one that had a loop (prefork) makes its own."""
+    held: _ThreadLoop | None = getattr(_loops, "held", None)
+    if held is None or held.pid != os.getpid() or held.loop.is_closed():
+        held = _loops.held = _ThreadLoop()
+    return held.loop
+
+
+def run_awaitable(awaitable: Awaitable[Any]) -> Any:
+    """Await ``awaitable`` on this thread's event loop; its result, or it raises.
+
+    When something stops the loop from outside the coroutine (prefork's soft time limit raising
+    ``SoftTimeLimitExceeded`` while the loop waits), the coroutine is cancelled (it sees
+    ``CancelledError``) before that exception goes on: no task of this job is left to run
+    during the next one."""
+    loop = event_loop()
+    task = asyncio.ensure_future(awaitable, loop=loop)
+    try:
+        return loop.run_until_complete(task)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                loop.run_until_complete(task)
 
 
 class KickqTask(Task):  # type: ignore[misc]
@@ -121,6 +176,8 @@ class KickqTask(Task):  # type: ignore[misc]
     def _call_handler(self, job: Job) -> Outcome:
         try:
             result = self.handler(job)
+            if inspect.isawaitable(result):  # an async def handler
+                result = run_awaitable(result)
             return Outcome("success", json.dumps(result, allow_nan=False), result)
         except SoftTimeLimitExceeded as exc:
             return Outcome("ghost", "process_timeout passed: the run was stopped", None, exc,
