@@ -6,10 +6,11 @@ building the same headers again for every call; here Celery builds them once
 per job name (``app.amqp.as_task_v2``) and each job only fills in its id.
 
 On a Redis broker the messages go out as kombu's Redis transport stores them
-(one ``LPUSH`` per message onto the queue's list), pipelined, and in the same
-``MULTI`` as the job records when the broker is kickq's own Redis, so a
-record never exists without its message. Any other broker (RabbitMQ, SQS...)
-gets the same headers and body through a kombu producer.
+(one ``LPUSH`` per message onto the queue's list): pushed by the create script
+itself with the job records when the broker is kickq's own Redis (see
+:meth:`Publisher.encoded`), so a record never exists without its message, else
+pipelined. Any other broker (RabbitMQ, SQS...) gets the same headers and body
+through a kombu producer.
 """
 
 from __future__ import annotations
