@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 import redis
 
+from benchmarks.asyncio_bench import bench_acreate, bench_await
 from benchmarks.replicas import bench_wait_replicas
 from kickq_celery.testing import stop_process_group
 
@@ -233,6 +234,18 @@ def table(results: dict[str, Any]) -> str:
          f" (Celery held {results['memory'].get('raw_held', 0):,})",
          results["memory"]["raw"], results["memory"]["kickq"], "countdown=3600"),
     ]
+    if "acreate" in results:
+        a = results["acreate"]
+        rows.append(("acreate one by one (jobs/s; 'raw' = create one by one)", a["create"], a["acreate"],
+                     "kickq sync vs asyncio"))
+        rows.append(("acreate, 100 concurrent tasks (jobs/s; 'raw' = create one by one)", a["create"],
+                     a["acreate_100"], "kickq sync vs asyncio"))
+    if "await" in results:
+        w = results["await"]
+        rows.append(("await promise p50 (ms; 'raw' = promise.wait())", w["wait_p50_ms"], w["await_p50_ms"],
+                     "create + wait vs acreate + await"))
+        rows.append(("await promise p99 (ms; 'raw' = promise.wait())", w["wait_p99_ms"], w["await_p99_ms"],
+                     "create + wait vs acreate + await"))
     if "wait_replicas" in results:
         waited = results["wait_replicas"]
         rows.append(("create with redis_wait_replicas=1 (jobs/s; 'raw' = kickq without)",
@@ -276,6 +289,8 @@ def main() -> None:
             ("tombstone", lambda: bench_tombstone(counts["tombstone"], env)),
             ("memory", lambda: bench_memory(counts["memory"], env, client)),
             ("wait_replicas", lambda: bench_wait_replicas(counts["create"])),
+            ("acreate", lambda: bench_acreate(counts["create"])),
+            ("await", lambda: bench_await(counts["tombstone"], env, celery_worker)),
         ):
             if args.only and name not in args.only:
                 continue
