@@ -14,7 +14,7 @@ PACKAGE = ROOT / "kickq_celery"
 LAYERS = {
     "bottom": ["options", "keys", "records", "stats", "exceptions"],
     "core": ["plan", "scripts", "settings"],
-    "io": ["connection", "store", "publisher", "tombstones", "cron", "promise", "registry"],
+    "io": ["connection", "store", "publisher", "tombstones", "cron", "waiters", "promise", "registry"],
     "worker": ["worker.heartbeat", "worker.loops", "worker.task", "worker.bootstep"],
     "client": ["client"],
     "edges": ["cli", "prometheus", "testing", "harness", "embedded"],

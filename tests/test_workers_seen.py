@@ -18,7 +18,7 @@ from kickq_celery.testing import wait_for, worker
 from tests.conftest import ROOT
 
 LOCK_TIMEOUT = 1.0  # the workers' lock_timeout: a killed worker drops out within 3 s
-NAMES = ["fail_first", "record", "sleep", "steady", "stoppable"]  # tests/workerapp.py's handlers
+NAMES = ["asleep", "fail_first", "record", "sleep", "steady", "stoppable"]  # tests/workerapp.py's handlers
 
 
 def workers(kq: Kickq, name: str) -> int:
