@@ -342,13 +342,13 @@ class AsyncJobStore:
         made while another round trip is under way waits for it, then goes out with the others
         that came meanwhile in one round trip, creates of one name and flags merged into one
         create (as ``create_many`` makes): many tasks creating at once cost few round trips."""
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         if self._in_flight:
+            future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
             self._batch.append((call, future))
             return await future
         self._in_flight = True
         try:
-            await self._flush([(call, [future])])
+            return await self._send_one(call)
         finally:
             if self._batch:
                 task = asyncio.ensure_future(self._drain())  # keeps _in_flight until it is done
@@ -356,7 +356,16 @@ class AsyncJobStore:
                 task.add_done_callback(self._draining.discard)
             else:
                 self._in_flight = False
-        return future.result()
+
+    async def _send_one(self, call: Call[T]) -> T:
+        """One call on its own: its script, loaded again should Redis have lost it."""
+        if self.wait_replicas and call.script in REPLICATED:
+            future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+            await self._flush([(call, [future])])
+            return future.result()
+        with redis_errors(self.client):
+            reply = await self._scripts[call.script](keys=[self.keys.prefix, *call.keys], args=call.args)
+        return call.parse(reply)
 
     async def _drain(self) -> None:
         try:
