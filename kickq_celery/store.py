@@ -33,16 +33,16 @@ REPLICATED = ("create", "finish")
 RESEND_WITHIN = 100.0
 
 
-class JobStore:
-    """Job records of one namespace on one Redis.
+class _Store:
+    """What the sync and the asyncio store share: the client, the keys, the scripts, WAIT.
 
     With ``wait_replicas``, a create or finish returns only once that many replicas have
     its write (Redis ``WAIT``, bounded by half of ``timeout``), else raises
     :class:`RedisUnavailable`: a write a failover could lose is never acknowledged.
     """
 
-    def __init__(self, client: Client, keys: Keys, wait_replicas: int = 0, timeout: float = 5.0) -> None:
-        if wait_replicas and isinstance(client, RedisCluster):
+    def __init__(self, client: Any, keys: Keys, wait_replicas: int = 0, timeout: float = 5.0) -> None:
+        if wait_replicas and isinstance(client, (RedisCluster, redis.asyncio.cluster.RedisCluster)):
             # WAIT must go to the node that wrote, and cluster pipelines refuse scripts
             raise ConfigError("redis_wait_replicas is not supported on a Redis Cluster")
         self.client = client
@@ -51,6 +51,22 @@ class JobStore:
         self.wait_ms = max(1, int(timeout * 500))
         self._scripts = {name: client.register_script(src) for name, src in scripts.SOURCES.items()}
         self.shas = {name: script.sha for name, script in self._scripts.items()}
+
+    def check_replicated(self, acked: int) -> None:
+        """Raise RedisUnavailable when fewer than ``wait_replicas`` replicas acknowledged a write."""
+        if acked < self.wait_replicas:
+            raise RedisUnavailable(
+                f"kickq's write reached {acked} of the {self.wait_replicas} replicas it waits for "
+                f"(redis_wait_replicas) at {masked_url(self.client)} within {self.wait_ms} ms")
+
+
+class JobStore(_Store):
+    """Job records of one namespace on one Redis (see :class:`_Store` for ``wait_replicas``)."""
+
+    client: Client
+
+    def __init__(self, client: Client, keys: Keys, wait_replicas: int = 0, timeout: float = 5.0) -> None:
+        super().__init__(client, keys, wait_replicas, timeout)
         self._unanswered: dict[tuple[Any, ...], tuple[float, Call[Any]]] = {}
 
     def run(self, call: Call[T]) -> T:
@@ -98,13 +114,6 @@ class JobStore:
                     for script in self._scripts.values():
                         self.client.script_load(script.script)
         raise AssertionError("unreachable")
-
-    def check_replicated(self, acked: int) -> None:
-        """Raise RedisUnavailable when fewer than ``wait_replicas`` replicas acknowledged a write."""
-        if acked < self.wait_replicas:
-            raise RedisUnavailable(
-                f"kickq's write reached {acked} of the {self.wait_replicas} replicas it waits for "
-                f"(redis_wait_replicas) at {masked_url(self.client)} within {self.wait_ms} ms")
 
     # --- transitions -------------------------------------------------------
 
@@ -229,14 +238,14 @@ class JobStore:
             return parse_stats(names, pipe.execute(), now)
 
 
-def queue_pipelined(store: JobStore | AsyncJobStore, call: Call[Any], pipe: Any) -> None:
+def queue_pipelined(store: _Store, call: Call[Any], pipe: Any) -> None:
     """Queue what :meth:`JobStore.pipelined` sends (on a sync or an asyncio pipeline)."""
     pipe.evalsha(store.shas[call.script], 1 + len(call.keys), store.keys.prefix, *call.keys, *call.args)
     if store.wait_replicas and call.script in REPLICATED:
         pipe.execute_command("WAIT", store.wait_replicas, store.wait_ms)
 
 
-def parse_pipelined(store: JobStore | AsyncJobStore, call: Call[T], replies: list[Any]) -> T:
+def parse_pipelined(store: _Store, call: Call[T], replies: list[Any]) -> T:
     """The reply of the call :func:`queue_pipelined` queued (its error raised)."""
     acked = replies.pop() if store.wait_replicas and call.script in REPLICATED else None
     reply = replies[0]
@@ -320,19 +329,14 @@ def record_from(raw: dict[Any, Any]) -> JobRecord | None:
     return JobRecord.from_hash({text(k): text(v) for k, v in raw.items()}) if raw else None
 
 
-class AsyncJobStore:
+class AsyncJobStore(_Store):
     """The asyncio twin of :class:`JobStore`: the same script calls and reads, awaited on a
     ``redis.asyncio`` client of the same server (the create/read/delete/stats side only)."""
 
+    client: AsyncClient
+
     def __init__(self, client: AsyncClient, keys: Keys, wait_replicas: int = 0, timeout: float = 5.0) -> None:
-        if wait_replicas and isinstance(client, redis.asyncio.cluster.RedisCluster):
-            raise ConfigError("redis_wait_replicas is not supported on a Redis Cluster")
-        self.client = client
-        self.keys = keys
-        self.wait_replicas = wait_replicas
-        self.wait_ms = max(1, int(timeout * 500))
-        self._scripts = {name: client.register_script(src) for name, src in scripts.SOURCES.items()}
-        self.shas = {name: script.sha for name, script in self._scripts.items()}
+        super().__init__(client, keys, wait_replicas, timeout)
         self._batch: list[tuple[Call[Any], asyncio.Future[Any]]] = []
         self._in_flight = False
         self._draining: set[asyncio.Task[None]] = set()
@@ -421,12 +425,6 @@ class AsyncJobStore:
                     settle_all(futures, error=exc)
                 return
             await self._flush(lost_scripts, again=True)
-
-    def check_replicated(self, acked: int) -> None:
-        if acked < self.wait_replicas:
-            raise RedisUnavailable(
-                f"kickq's write reached {acked} of the {self.wait_replicas} replicas it waits for "
-                f"(redis_wait_replicas) at {masked_url(self.client)} within {self.wait_ms} ms")
 
     async def now(self) -> float:
         if isinstance(self.client, redis.asyncio.cluster.RedisCluster):
