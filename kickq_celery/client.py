@@ -197,13 +197,19 @@ class Kickq:
         """Create one job per item (its data); validates all before writing any."""
         return self._create(name, list(items), opts, flags)
 
+    def _plan(self, name: str, items: Sequence[Any], given: Mapping[str, Any] | None,
+              flags: Mapping[str, Any]) -> CreatePlan:
+        """Validate and plan a create (sync or asyncio); a tombstone gets its result backend."""
+        planned = plan.plan_create(self.options, self.horizon, name, items, given, flags)
+        if planned.jobs and planned.tombstone:
+            ensure_result_backend(self.app, self.redis, self.keys)
+        return planned
+
     def _create(self, name: str, items: Sequence[Any], given: Mapping[str, Any] | None,
                 flags: Mapping[str, Any]) -> list[Job]:
-        planned = plan.plan_create(self.options, self.horizon, name, items, given, flags)
+        planned = self._plan(name, items, given, flags)
         if not planned.jobs:
             return []
-        if planned.tombstone:
-            ensure_result_backend(self.app, self.redis, self.keys)
         jobs = planned.created(self._write(planned), self._promise)
         self._warn_if_unhandled(planned.name)
         return jobs
@@ -294,11 +300,9 @@ class Kickq:
 
     async def _acreate(self, name: str, items: Sequence[Any], given: Mapping[str, Any] | None,
                        flags: Mapping[str, Any]) -> list[Job]:
-        planned = plan.plan_create(self.options, self.horizon, name, items, given, flags)
+        planned = self._plan(name, items, given, flags)
         if not planned.jobs:
             return []
-        if planned.tombstone:
-            ensure_result_backend(self.app, self.redis, self.keys)
         jobs = planned.created(await self._awrite(planned), self._promise)
         if self._first_create(planned.name):
             try:

@@ -36,26 +36,14 @@ from redis.crc import key_slot
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
+from kickq_celery.harness import wait_for
+
 T = TypeVar("T")
 P = TypeVar("P", bound="_RedisProcess")
 Addr = tuple[str, int]
 HOST = "127.0.0.1"
 SERVICE = "mymaster"
 FAILOVER_TIMEOUT = 30.0
-
-
-def wait_for(predicate: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.05,
-             message: str = "condition") -> T:
-    """Poll `predicate` until it returns a truthy value; AssertionError after `timeout` s.
-    (As kickq_celery.testing.wait_for; kept here so the harness does not depend on the package.)"""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
 
 
 def _binary(name: str) -> str:
