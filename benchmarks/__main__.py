@@ -117,21 +117,24 @@ def bench_create_many(n: int) -> dict[str, float]:
 
 def bench_processing(n: int, env: dict[str, str], client: redis.Redis,
                      repeats: int = 5) -> dict[str, Any]:
-    """Drain rate of n queued no-op jobs; the median of `repeats` runs per side, alternating."""
-    from benchmarks.benchapp import COUNTER, RAW_QUEUE, app, kq, raw_noop
+    """Drain rate of n queued no-op jobs; the median of `repeats` runs per side, in turn: raw Celery
+    storing each result ("raw"), raw Celery with ignore_result=True ("raw_fire"), and kickq."""
+    from benchmarks.benchapp import COUNTER, RAW_QUEUE, app, kq, raw_fire, raw_noop
 
-    samples: dict[str, list[float]] = {"raw": [], "kickq": []}
+    sides = ("raw", "raw_fire", "kickq")
+    samples: dict[str, list[float]] = {side: [] for side in sides}
     # CPU per job of the worker's main process, its pool processes and Redis (when local)
     cpu: dict[str, dict[str, list[float]]] = {side: {"main": [], "pool": [], "redis": []}
                                               for side in samples}
     redis_server = local_process(client)
     for repeat in range(repeats):
-        for side in ("raw", "kickq") if repeat % 2 == 0 else ("kickq", "raw"):
+        for side in sides[repeat % 3:] + sides[:repeat % 3]:
             client.delete(COUNTER)
-            if side == "raw":
+            if side in ("raw", "raw_fire"):
+                task = raw_noop if side == "raw" else raw_fire
                 with app.producer_or_acquire() as producer, producer.batch():
                     for i in range(n):
-                        raw_noop.apply_async((i,), producer=producer)
+                        task.apply_async((i,), producer=producer)
                 queues = RAW_QUEUE
             else:
                 kq.create_many("noop", range(n))
@@ -147,11 +150,36 @@ def bench_processing(n: int, env: dict[str, str], client: redis.Redis,
                     used = cpu_seconds(procs) - before[part]
                     cpu[side][part].append(used / (n - done_before) * 1e6)
             samples[side].append((n - done_before) / (end - start))
-    return {"raw": statistics.median(samples["raw"]), "kickq": statistics.median(samples["kickq"]),
+    return {**{side: statistics.median(values) for side, values in samples.items()},
             "samples": samples,
             "cpu_us_per_job": {side: {part: round(statistics.median(values), 1)
                                       for part, values in parts.items() if values}
                                for side, parts in cpu.items()}}
+
+
+def bench_limits(n: int, env: dict[str, str], client: redis.Redis, repeats: int = 5) -> dict[str, Any]:
+    """Drain rate of n queued no-op jobs with no limit ("raw") and with max_jobs_num, rate_limit and
+    max_jobs_per_key all configured (and not binding: each job has one of ten keys); the median of
+    `repeats` runs per side, alternating."""
+    from benchmarks.benchapp import COUNTER, kq
+
+    samples: dict[str, list[float]] = {"none": [], "all": []}
+    for repeat in range(repeats):
+        for side in ("none", "all") if repeat % 2 == 0 else ("all", "none"):
+            client.delete(COUNTER)
+            if side == "none":
+                kq.create_many("noop", range(n))
+                queues = kq.task_name("noop")
+            else:
+                for key in range(10):
+                    kq.create_many("limited_noop", range(n // 10), concurrency_key=f"k{key}")
+                queues = kq.task_name("limited_noop")
+            with celery_worker(env, concurrency=2, queues=queues):
+                start, done_before = time.monotonic(), int(client.get(COUNTER) or 0)
+                end = wait_counter(client, COUNTER, n, timeout=600)
+            samples[side].append((n - done_before) / (end - start))
+    return {"raw": statistics.median(samples["none"]), "kickq": statistics.median(samples["all"]),
+            "samples": samples}
 
 
 def local_process(client: redis.Redis) -> psutil.Process | None:
@@ -225,7 +253,9 @@ def table(results: dict[str, Any]) -> str:
         ("create_many (jobs/s)", results["create_many"]["raw"], results["create_many"]["kickq"],
          "apply_async in producer.batch()"),
         ("processing (jobs/s)", results["processing"]["raw"], results["processing"]["kickq"],
-         "prefork -c 2, no-op"),
+         "prefork -c 2, no-op, storing results"),
+        ("processing (jobs/s), fire and forget", results["processing"]["raw_fire"],
+         results["processing"]["kickq"], "prefork -c 2, no-op, ignore_result=True"),
         ("tombstone p50 (ms)", results["tombstone"]["raw_p50_ms"], results["tombstone"]["kickq_p50_ms"],
          "delay().get()"),
         ("tombstone p99 (ms)", results["tombstone"]["raw_p99_ms"], results["tombstone"]["kickq_p99_ms"],
@@ -246,6 +276,10 @@ def table(results: dict[str, Any]) -> str:
                      "create + wait vs acreate + await"))
         rows.append(("await promise p99 (ms; 'raw' = promise.wait())", w["wait_p99_ms"], w["await_p99_ms"],
                      "create + wait vs acreate + await"))
+    if "limits" in results:
+        rows.append(("processing with every limit configured (jobs/s; 'raw' = kickq with none)",
+                     results["limits"]["raw"], results["limits"]["kickq"],
+                     "kickq, max_jobs_num + rate_limit + max_jobs_per_key"))
     if "wait_replicas" in results:
         waited = results["wait_replicas"]
         rows.append(("create with redis_wait_replicas=1 (jobs/s; 'raw' = kickq without)",
@@ -253,7 +287,9 @@ def table(results: dict[str, Any]) -> str:
     cpu = results["processing"].get("cpu_us_per_job", {})
     for part in cpu.get("kickq", {}):
         rows.append((f"processing CPU per job: {part} (us)", cpu["raw"][part], cpu["kickq"][part],
-                     "the same runs"))
+                     "the same runs, storing results"))
+        rows.append((f"processing CPU per job: {part} (us), fire and forget", cpu["raw_fire"][part],
+                     cpu["kickq"][part], "the same runs, ignore_result=True"))
     lines = ["| benchmark | raw Celery | kickq_celery | kickq / Celery | Celery side |",
              "|---|---:|---:|---:|---|"]
     for label, raw, kick, what in rows:
@@ -286,6 +322,7 @@ def main() -> None:
             ("create", lambda: bench_create(counts["create"])),
             ("create_many", lambda: bench_create_many(counts["create_many"])),
             ("processing", lambda: bench_processing(counts["processing"], env, client)),
+            ("limits", lambda: bench_limits(counts["processing"], env, client)),
             ("tombstone", lambda: bench_tombstone(counts["tombstone"], env)),
             ("memory", lambda: bench_memory(counts["memory"], env, client)),
             ("wait_replicas", lambda: bench_wait_replicas(counts["create"])),

@@ -32,7 +32,21 @@ def raw_noop(value: object = None) -> object:
     return value
 
 
+@app.task(name="bench.raw_fire", ignore_result=True)
+def raw_fire(value: object = None) -> object:
+    """Raw Celery's cheapest setting: fire and forget, no result stored."""
+    counter.incr(COUNTER)
+    return value
+
+
 @kq.process("noop")
 def noop(job: object) -> object:
+    counter.incr(COUNTER)
+    return getattr(job, "data", None)
+
+
+# the same no-op with every limit configured, none of them binding: the cost of the guard's checks
+@kq.process("limited_noop", max_jobs_num=1000, rate_limit="100000/s", max_jobs_per_key=1000)
+def limited_noop(job: object) -> object:
     counter.incr(COUNTER)
     return getattr(job, "data", None)

@@ -19,6 +19,7 @@ from .exceptions import (
 from .promise import Promise, Response
 from .records import Job, JobRecord, Run
 from .stats import Stats
+from .tasks import KickqResult, KickqTaskFunction
 
 __version__ = "0.1.0"
 
@@ -34,7 +35,7 @@ def reset() -> None:
 
 
 __all__ = [
-    "Kickq", "Job", "JobRecord", "Run", "Promise", "Response", "Stats",
+    "Kickq", "Job", "JobRecord", "Run", "Promise", "Response", "Stats", "KickqResult", "KickqTaskFunction",
     "KickqError", "ConfigError", "InvalidJobOptions", "InvalidJobData",
     "JobNotFound", "JobFailed", "JobDeleted", "TombstoneTimeout", "RedisUnavailable",
     "config", "reset", "__version__",

@@ -201,7 +201,9 @@ def _record_table(record: JobRecord) -> str:
         ("finished_at", record.finished_at), ("complete", record.complete),
         ("success", record.success), ("result", _compact(record.result)),
         ("last_error", _short(record.last_error, 200)),
-        ("total_process_time", record.total_process_time), ("flags", _compact(record.flags)),
+        ("total_process_time", record.total_process_time), ("progress", _compact(record.progress)),
+        ("priority", record.priority), ("concurrency_key", record.concurrency_key),
+        ("flags", _compact(record.flags)),
     ]
     text = _table(["FIELD", "VALUE"], fields)
     if record.runs:

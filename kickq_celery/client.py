@@ -8,28 +8,35 @@ reached only to register handlers and to add the worker step.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import redis
 from celery import Celery
+from celery.backends.redis import RedisBackend
 from kombu.entity import Exchange, Queue
+from redis.cluster import RedisCluster
 
 from . import cron as crontab
 from . import plan, registry, scripts, settings
 from .connection import Client, async_client_for, client_for, close_all, redis_errors, same_server
 from .exceptions import ConfigError, InvalidJobOptions, JobDeleted, JobNotFound, KickqError
-from .keys import STATES, Keys
+from .keys import FINAL_STATES, STATES, Keys
+from .options import Limits, process_limits
 from .plan import CreatePlan
 from .promise import Promise
 from .publisher import Publisher, redis_broker_url
 from .records import Job, JobRecord
 from .stats import Stats
 from .store import AsyncJobStore, JobStore
-from .tombstones import asettle, ensure_result_backend, settle
+from .tasks import KickqTaskFunction, make_task
+from .tombstones import asettle, ended_outcome, ensure_result_backend, settle
 from .worker.bootstep import install
 from .worker.task import Handler, register_task
 
@@ -87,8 +94,8 @@ class Kickq:
         #: event loop -> (settings, its asyncio store)
         self._astores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Any, AsyncJobStore]] = (
             weakref.WeakKeyDictionary())
-        #: job name -> max_jobs_num of the names this instance has handlers for
-        self.processed: dict[str, int | None] = {}
+        #: job name -> the limits of the names this instance has handlers for
+        self.processed: dict[str, Limits] = {}
         #: job name -> its handler
         self.handlers: dict[str, Handler] = {}
         registry.register(app, self)
@@ -175,14 +182,21 @@ class Kickq:
 
     def create(self, name: str, data: Any = None, opts: Mapping[str, Any] | None = None,
                callback: Callable[[Exception | None, str | None, Promise | None], Any] | None = None,
-               **flags: Any) -> Job | None:
+               *, job_id: str | None = None, on_commit: bool = False, **flags: Any) -> Job | None:
         """Create a job; returns it (with a ``promise`` when tombstoned).
 
+        ``job_id``: the caller's id; while a job with it exists, nothing is written and that
+        job is returned (``created=False``). ``on_commit=True``: written when the current Django
+        transaction commits (never if it rolls back); the returned job already has its id.
         With ``callback``, calls ``callback(err, job_id, promise)`` like kickq for
         Node, and on failure ``callback(exc, None, None)`` instead of raising.
         """
         try:
-            job = self._create(name, [data], opts, flags)[0]
+            ids = None if job_id is None else [job_id]
+            if on_commit:
+                job = self._create_on_commit(name, data, opts, flags, ids)
+            else:
+                job = self._create(name, [data], opts, flags, ids)[0]
         except KickqError as exc:
             if callback is None:
                 raise
@@ -193,26 +207,77 @@ class Kickq:
         return job
 
     def create_many(self, name: str, items: Iterable[Any], opts: Mapping[str, Any] | None = None,
-                    **flags: Any) -> list[Job]:
-        """Create one job per item (its data); validates all before writing any."""
-        return self._create(name, list(items), opts, flags)
+                    *, job_ids: Sequence[str] | None = None, **flags: Any) -> list[Job]:
+        """Create one job per item (its data); validates all before writing any. ``job_ids``:
+        the caller's ids, one per item (see ``create``'s ``job_id``)."""
+        return self._create(name, list(items), opts, flags, job_ids)
 
     def _plan(self, name: str, items: Sequence[Any], given: Mapping[str, Any] | None,
-              flags: Mapping[str, Any]) -> CreatePlan:
+              flags: Mapping[str, Any], job_ids: Sequence[str] | None = None) -> CreatePlan:
         """Validate and plan a create (sync or asyncio); a tombstone gets its result backend."""
-        planned = plan.plan_create(self.options, self.horizon, name, items, given, flags)
+        planned = plan.plan_create(self.options, self.horizon, name, items, given, flags, job_ids)
         if planned.jobs and planned.tombstone:
             ensure_result_backend(self.app, self.redis, self.keys)
+        if planned.chosen_ids:
+            planned = replace(planned, forget_prefix=self._result_key_prefix())
         return planned
 
+    def _result_key_prefix(self) -> str:
+        """The key prefix of the result backend's outcomes when they live in kickq's own Redis (not
+        a Cluster), so that a create of a reused job_id drops an outcome its earlier job left.
+        ('' otherwise: a result backend elsewhere keeps it until it expires.)"""
+        if not self.app.conf.result_backend or isinstance(self.store.client, RedisCluster):
+            return ""
+        backend = self.app.backend
+        try:
+            if isinstance(backend, RedisBackend) and same_server(backend.client, self.store.client):
+                return str(backend.get_key_for_task("-").decode()[:-1])  # (an id must not be empty)
+        except Exception as exc:  # a backend that cannot say: nothing to drop
+            logger.debug("kickq: could not compare the result backend with kickq's Redis: %s", exc)
+        return ""
+
     def _create(self, name: str, items: Sequence[Any], given: Mapping[str, Any] | None,
-                flags: Mapping[str, Any]) -> list[Job]:
-        planned = self._plan(name, items, given, flags)
+                flags: Mapping[str, Any], job_ids: Sequence[str] | None = None) -> list[Job]:
+        planned = self._plan(name, items, given, flags, job_ids)
         if not planned.jobs:
             return []
-        jobs = planned.created(self._write(planned), self._promise)
+        reply = self._write(planned)
+        jobs = planned.created(reply, self._promise)
+        self._settle_ended(planned, jobs)
         self._warn_if_unhandled(planned.name)
         return jobs
+
+    def _create_on_commit(self, name: str, data: Any, given: Mapping[str, Any] | None,
+                          flags: Mapping[str, Any], job_ids: Sequence[str] | None) -> Job:
+        """Plan now (bad input raises here), write when the Django transaction commits."""
+        try:
+            from django.db import transaction
+        except ImportError:
+            raise ConfigError("on_commit=True needs Django (django.db.transaction.on_commit)") from None
+        planned = self._plan(name, [data], given, flags, job_ids)
+        job_id, data_json = planned.jobs[0]
+        deadline = time.time() + float(planned.flags["tombstone_timeout"])
+        promise = self._promise(job_id, planned.name, deadline) if planned.tombstone else None
+        job = Job(job_id, planned.name, "delayed" if planned.delay > 0 else "queued", promise,
+                  data=json.loads(data_json), created_at=None, created=True)
+
+        def write() -> None:
+            jobs = planned.created(self._write(planned), self._promise)
+            self._settle_ended(planned, jobs)
+            self._warn_if_unhandled(planned.name)
+
+        transaction.on_commit(write)
+        return job
+
+    def _settle_ended(self, planned: CreatePlan, jobs: Sequence[Job]) -> None:
+        """A tombstone asked of a job_id whose job had ended already: its promise gets that outcome
+        (a job tombstoned from the start has it stored already; this stores it the same)."""
+        for job in jobs:
+            if job.created or not planned.tombstone or job.state not in FINAL_STATES:
+                continue
+            record = self.store.get(job.id)
+            if record is not None:
+                settle(self.app, self.store, self.options, job.id, ended_outcome(record))
 
     def _first_create(self, name: str) -> bool:
         """Whether this is the process's first create of ``name`` (whose workers are then looked
@@ -239,24 +304,38 @@ class Kickq:
             logger.warning("kickq: no live worker handles job %r in namespace %r; it waits in its "
                            "queue until one starts", name, self.options["redis_namespace"])
 
-    def _write(self, planned: CreatePlan) -> float:
-        """Write the records and publish the messages of a create; returns its time."""
-        store, publisher, messages = self.store, self.publisher, planned.messages
+    def _calls(self, planned: CreatePlan, with_messages: bool) -> list[scripts.Call[scripts.Created]]:
+        """The create's script calls, one per part (see CreatePlan.parts); ``with_messages``: each
+        also pushes its jobs' messages (the broker is the same Redis)."""
+        if not with_messages:
+            return [part.call for part in planned.parts()]
         queue, task_name = self.queue(planned.name), self.task_name(planned.name)
-        if messages and publisher.broker is not None and same_server(publisher.broker, store.client):
-            # the create script pushes the messages with the records: neither without the other
-            return store.run(planned.call_with(
-                queue.name, publisher.encoded(queue.name, task_name, planned.process_timeout, messages)))
-        created = store.run(planned.call)
+        return [part.call_with(queue.name, self.publisher.encoded(
+                    queue.name, task_name, planned.process_timeout, part.messages))
+                for part in planned.parts()]
+
+    def _with_messages(self, planned: CreatePlan) -> bool:
+        """Whether the create script pushes the messages with the records: neither without the other."""
+        broker = self.publisher.broker
+        return bool(planned.messages) and broker is not None and same_server(broker, self.store.client)
+
+    def _write(self, planned: CreatePlan) -> scripts.Created:
+        """Write the records and publish the messages of a create; returns the create's reply."""
+        store, with_messages = self.store, self._with_messages(planned)
+        reply = scripts.Created.combine(store.run_all(self._calls(planned, with_messages)))
+        if with_messages:
+            return reply
+        messages = planned.unwritten(reply)
         try:
-            publisher.publish(queue, task_name, planned.process_timeout, messages)
+            self.publisher.publish(self.queue(planned.name), self.task_name(planned.name),
+                                   planned.process_timeout, messages)
         except Exception as exc:
-            for job_id in planned.ids:  # no record without its message
-                store.delete(job_id)
+            for message in messages:  # no record without its message
+                store.delete(message.job_id)
             if isinstance(exc, KickqError):
                 raise
             raise KickqError(f"could not publish to the Celery broker: {exc}") from exc
-        return created
+        return reply
 
     def _promise(self, job_id: str, name: str, deadline: float) -> Promise:
         return Promise(job_id, name, self.app.AsyncResult(job_id), deadline)
@@ -264,16 +343,16 @@ class Kickq:
     # --- asyncio -------------------------------------------------------------
 
     async def acreate(self, name: str, data: Any = None, opts: Mapping[str, Any] | None = None,
-                      **flags: Any) -> Job:
+                      *, job_id: str | None = None, **flags: Any) -> Job:
         """:meth:`create` for asyncio code: the same validation, job and errors, on an asyncio
         Redis client (the event loop is never blocked, no thread is used: see the README for a
         broker that is not Redis)."""
-        return (await self._acreate(name, [data], opts, flags))[0]
+        return (await self._acreate(name, [data], opts, flags, None if job_id is None else [job_id]))[0]
 
     async def acreate_many(self, name: str, items: Iterable[Any], opts: Mapping[str, Any] | None = None,
-                           **flags: Any) -> list[Job]:
+                           *, job_ids: Sequence[str] | None = None, **flags: Any) -> list[Job]:
         """:meth:`create_many` for asyncio code."""
-        return await self._acreate(name, list(items), opts, flags)
+        return await self._acreate(name, list(items), opts, flags, job_ids)
 
     async def aget(self, job_id: str) -> JobRecord:
         """:meth:`get` for asyncio code."""
@@ -282,11 +361,11 @@ class Kickq:
             raise JobNotFound(f"no job {job_id!r} in namespace {self.options['redis_namespace']!r}")
         return record
 
-    async def adelete(self, job_id: str) -> bool:
+    async def adelete(self, job_id: str, terminate: bool = False) -> bool:
         """:meth:`delete` for asyncio code."""
         if not isinstance(job_id, str):
             return False
-        deleted = await self.astore.run(scripts.delete(job_id))
+        deleted = await self.astore.run(scripts.delete(job_id, terminate))
         if deleted.status and deleted.tombstone and not deleted.final:
             await asettle(self.app, self.store, self.astore, self.options, job_id,
                           JobDeleted(f"job {job_id} was deleted", job_id, "deleted"))
@@ -299,11 +378,17 @@ class Kickq:
         return Stats.from_raw(await store.raw_stats(names))
 
     async def _acreate(self, name: str, items: Sequence[Any], given: Mapping[str, Any] | None,
-                       flags: Mapping[str, Any]) -> list[Job]:
-        planned = self._plan(name, items, given, flags)
+                       flags: Mapping[str, Any], job_ids: Sequence[str] | None) -> list[Job]:
+        planned = self._plan(name, items, given, flags, job_ids)
         if not planned.jobs:
             return []
         jobs = planned.created(await self._awrite(planned), self._promise)
+        for job in jobs:
+            if not job.created and planned.tombstone and job.state in FINAL_STATES:
+                record = await self.astore.get(job.id)
+                if record is not None:
+                    await asettle(self.app, self.store, self.astore, self.options, job.id,
+                                  ended_outcome(record))
         if self._first_create(planned.name):
             try:
                 self._warn_unless((await self.astore.live_workers([planned.name]))[planned.name],
@@ -312,15 +397,15 @@ class Kickq:
                 logger.debug("kickq: could not look up the workers of job %r: %s", planned.name, exc)
         return jobs
 
-    async def _awrite(self, planned: CreatePlan) -> float:
+    async def _awrite(self, planned: CreatePlan) -> scripts.Created:
         """:meth:`_write` on the asyncio clients."""
-        store, publisher, messages = self.astore, self.publisher, planned.messages
+        store, publisher, with_messages = self.astore, self.publisher, self._with_messages(planned)
+        reply = scripts.Created.combine(await asyncio.gather(
+            *(store.run(call) for call in self._calls(planned, with_messages))))
+        if with_messages:
+            return reply
+        messages = planned.unwritten(reply)
         queue, task_name = self.queue(planned.name), self.task_name(planned.name)
-        if messages and publisher.broker is not None and same_server(publisher.broker, self.store.client):
-            # the create script pushes the messages with the records: neither without the other
-            return await store.run(planned.call_with(
-                queue.name, publisher.encoded(queue.name, task_name, planned.process_timeout, messages)))
-        created = await store.run(planned.call)
         try:
             if messages and publisher.broker is not None:
                 broker = async_client_for(redis_broker_url(self.app), self.options["redis_timeout"])
@@ -331,12 +416,12 @@ class Kickq:
             else:  # another broker: kombu's producer, which has no asyncio side
                 publisher.publish(queue, task_name, planned.process_timeout, messages)
         except Exception as exc:
-            for job_id in planned.ids:  # no record without its message
-                await store.run(scripts.delete(job_id))
+            for message in messages:  # no record without its message
+                await store.run(scripts.delete(message.job_id))
             if isinstance(exc, KickqError):
                 raise
             raise KickqError(f"could not publish to the Celery broker: {exc}") from exc
-        return created
+        return reply
 
     # --- processing --------------------------------------------------------
 
@@ -345,19 +430,13 @@ class Kickq:
         """Register ``handler`` for job name(s); also usable as a decorator.
 
         Forms: ``process(names, options, handler)``, ``process(names, handler)``,
-        ``@process(names, max_jobs_num=10)``. ``max_jobs_num`` (kickq
-        ``maxJobsNum``) limits the runs of each name at once across all workers.
+        ``@process(names, max_jobs_num=10)``. Options, each enforced across all workers:
+        ``max_jobs_num`` (runs at once), ``rate_limit`` (starts per window: ``"100/m"``),
+        ``max_jobs_per_key`` (runs at once of the jobs of one ``concurrency_key``).
         """
         if callable(options) and handler is None:
             options, handler = None, options
-        given_options = {**dict(options or {}), **kwargs}
-        limit = None
-        for key, value in given_options.items():
-            if key not in ("max_jobs_num", "maxJobsNum"):
-                raise ConfigError(f"unknown process option {key!r}; the only one is 'max_jobs_num'")
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"option {key!r}: expected an int >= 1 or None (got {value!r})")
-            limit = value
+        limits = process_limits({**dict(options or {}), **kwargs})
         # anything but a list of names is one name (a bad one fails the name check)
         given = list(names) if isinstance(names, (list, tuple, set, frozenset)) else [names]
         job_names = [plan.check_name(name) for name in given]
@@ -370,7 +449,7 @@ class Kickq:
                 if self.task_name(name) in self.app.tasks:
                     raise ConfigError(f"job {name!r} already has a handler in this app")
                 register_task(self, name, fn)
-                self.processed[name] = limit
+                self.processed[name] = limits
                 self.handlers[name] = fn
             return fn
 
@@ -378,18 +457,32 @@ class Kickq:
             return register
         return register(handler)
 
+    def task(self, fn: Callable[..., Any] | None = None, *, name: str | None = None, bind: bool = False,
+             **options: Any) -> Any:
+        """``@app.task`` for kickq: a Celery-style task (``delay``, ``apply_async``, a plain call)
+        whose calls are jobs of ``name`` (default: the function's module-qualified name), with
+        the process options (``max_jobs_num``, ``rate_limit``, ``max_jobs_per_key``) and job
+        flags given. ``bind=True`` passes the job context first. See :mod:`.tasks`."""
+        def decorate(function: Callable[..., Any]) -> KickqTaskFunction:
+            return make_task(self, function, name, bind, options)
+
+        if fn is None:
+            return decorate
+        return decorate(fn)
+
     # --- deleting and inspecting -------------------------------------------
 
-    def delete(self, job_id: str) -> bool:
+    def delete(self, job_id: str, terminate: bool = False) -> bool:
         """Delete a job for good; True when it existed.
 
-        A queued or delayed job never runs; a running one is not interrupted but
-        is not retried, and its record goes when the run ends. Waiters get
-        :class:`JobDeleted`.
+        A queued or delayed job never runs; a running one is not retried, and its record
+        goes when the run ends. Waiters get :class:`JobDeleted`. ``terminate=True`` also
+        stops a running run (prefork: within lock_timeout; other pools: ``job.deleted``
+        turns True for the handler to check).
         """
         if not isinstance(job_id, str):
             return False
-        deleted = self.store.delete(job_id)
+        deleted = self.store.delete(job_id, terminate)
         if deleted.status and deleted.tombstone and not deleted.final:
             settle(self.app, self.store, self.options, job_id,
                    JobDeleted(f"job {job_id} was deleted", job_id, "deleted"))

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+
 
 class KickqError(Exception):
     """Root of every error kickq_celery raises."""
@@ -69,7 +71,8 @@ class JobDeleted(JobFailed):
     """The job was deleted before it finished."""
 
 
-class TombstoneTimeout(JobFailed, TimeoutError):
-    """``tombstone_timeout`` passed before the job finished."""
+class TombstoneTimeout(JobFailed, TimeoutError, CeleryTimeoutError):  # type: ignore[misc]
+    """``tombstone_timeout`` passed before the job finished (also Celery's TimeoutError, so code
+    that waits on ``AsyncResult.get(timeout=)`` catches it as before)."""
 
     has_timeout = True

@@ -83,6 +83,25 @@ def _interval(value: Any) -> float | list[float] | Callable[[int], Any]:
     return seconds(value)
 
 
+def _priority(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError("expected an int from 0 to 9")
+    if not 0 <= value <= 9:
+        raise ValueError("expected an int from 0 to 9")
+    return value
+
+
+MAX_KEY_LENGTH = 200
+
+
+def _concurrency_key(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > MAX_KEY_LENGTH:
+        raise TypeError(f"expected a non-empty str of at most {MAX_KEY_LENGTH} characters, or None")
+    return value
+
+
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
@@ -158,6 +177,8 @@ OPTIONS: dict[str, Option] = {
         Option("ghost_retry", True, _bool, per_job=True),
         Option("ghost_times", 1, _count, per_job=True),
         Option("ghost_interval", 1800.0, seconds, per_job=True),
+        Option("priority", 0, _priority, per_job=True),
+        Option("concurrency_key", None, _concurrency_key, per_job=True),
         Option("purge_jobs", True, _bool),
         Option("purge_timeout", 86400.0, _positive_seconds),
         # kickq_celery additions (not in kickq for Node): worker timing.
@@ -260,6 +281,74 @@ def _setting_key(name: str, prefix: str) -> str:
 # Option names without underscores, so ``kickq_redisNamespace`` or ``kickq_retrycount``
 # still find theirs.
 _SQUASHED = {name.replace("_", ""): name for name in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The process options of a job name: every limit is enforced across all workers."""
+
+    max_jobs_num: int | None = None
+    rate: tuple[int, float] | None = None  # rate_limit: at most n starts per window (seconds)
+    max_jobs_per_key: int | None = None
+
+    def __str__(self) -> str:
+        parts = []
+        if self.max_jobs_num is not None:
+            parts.append(f"max_jobs_num {self.max_jobs_num}")
+        if self.rate is not None:
+            parts.append(f"rate_limit {self.rate[0]}/{self.rate[1]:g}s")
+        if self.max_jobs_per_key is not None:
+            parts.append(f"max_jobs_per_key {self.max_jobs_per_key}")
+        return ", ".join(parts) or "no limits"
+
+
+_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*([smh])\s*$")
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _rate(value: Any) -> tuple[int, float] | None:
+    """A rate limit: "N/s", "N/m", "N/h", or a number of starts per second."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        match = _RATE_RE.match(value)
+        if not match or int(match.group(1)) < 1:
+            raise ValueError('expected "N/s", "N/m" or "N/h" with N >= 1, or a number per second')
+        return int(match.group(1)), _RATE_UNITS[match.group(2)]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value <= 0:
+        raise ValueError('expected "N/s", "N/m" or "N/h" with N >= 1, or a number per second > 0')
+    if float(value).is_integer():
+        return int(value), 1.0
+    return 1, 1.0 / float(value)  # e.g. 0.5: one start per 2 seconds
+
+
+def _limit(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("expected an int >= 1 or None")
+    return value
+
+
+_PROCESS_OPTIONS = {"max_jobs_num": "max_jobs_num", "maxJobsNum": "max_jobs_num",
+                    "rate_limit": "rate_limit", "rateLimit": "rate_limit",
+                    "max_jobs_per_key": "max_jobs_per_key", "maxJobsPerKey": "max_jobs_per_key"}
+
+
+def process_limits(given: Mapping[str, Any]) -> Limits:
+    """Validate the options of ``Kickq.process()`` (raises ConfigError)."""
+    found: dict[str, Any] = {}
+    for key, value in given.items():
+        name = _PROCESS_OPTIONS.get(key)
+        if name is None:
+            raise ConfigError(f"unknown process option {key!r}; they are 'max_jobs_num', 'rate_limit' "
+                              "and 'max_jobs_per_key'")
+        try:
+            found[name] = _rate(value) if name == "rate_limit" else _limit(value)
+        except ValueError as exc:
+            raise ConfigError(f"option {key!r}: {exc} (got {value!r})") from None
+    return Limits(found.get("max_jobs_num"), found.get("rate_limit"), found.get("max_jobs_per_key"))
 
 
 def layer(*layers: Mapping[str, Any]) -> dict[str, Any]:

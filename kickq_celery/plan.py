@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from . import options as opts
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .promise import Promise
 
 MAX_NAME_LENGTH = 200
+MAX_ID_LENGTH = 200
 
 
 def check_name(name: Any) -> str:
@@ -30,6 +31,15 @@ def check_name(name: Any) -> str:
         raise InvalidJobOptions(
             f"a job name must be a non-empty str of at most {MAX_NAME_LENGTH} characters, got {name!r}")
     return name
+
+
+def check_job_id(job_id: Any) -> str:
+    """A caller's job id: a non-empty str of at most 200 characters without whitespace."""
+    if (not isinstance(job_id, str) or not job_id or len(job_id) > MAX_ID_LENGTH
+            or any(c.isspace() for c in job_id)):
+        raise InvalidJobOptions(f"a job_id must be a non-empty str of at most {MAX_ID_LENGTH} characters "
+                                f"without whitespace, got {job_id!r}")
+    return job_id
 
 
 def dumps(value: Any, what: str) -> str:
@@ -100,6 +110,8 @@ class CreatePlan:
     flags: dict[str, Any]
     jobs: list[tuple[str, str]]  # (job id, data as JSON)
     park: bool  # wait in Redis for a promoter (no message now)
+    chosen_ids: bool = False  # the ids are the caller's: one may exist already
+    forget_prefix: str = ""  # the result key prefix whose outcomes new records drop (see scripts.create)
 
     @property
     def ids(self) -> list[str]:
@@ -118,21 +130,27 @@ class CreatePlan:
         return self.flags["process_timeout"]  # type: ignore[no-any-return]
 
     @property
-    def call(self) -> scripts.Call[float]:
-        """The create script's call (it replies the creation time)."""
-        return scripts.create(self.name, json.dumps(self.flags), self.process_timeout, self.tombstone,
-                              self.delay, self.park, self.jobs)
+    def call(self) -> scripts.Call[scripts.Created]:
+        """The create script's call."""
+        return self.call_with(None, ())
 
-    def call_with(self, queue: str, envelopes: Sequence[str]) -> scripts.Call[float]:
+    def parts(self) -> list[CreatePlan]:
+        """This create in parts of at most scripts.CREATE_CHUNK jobs, one script call each."""
+        size = scripts.CREATE_CHUNK
+        return [replace(self, jobs=self.jobs[i:i + size]) for i in range(0, len(self.jobs), size)]
+
+    def call_with(self, queue: str | None, envelopes: Sequence[str]) -> scripts.Call[scripts.Created]:
         """The create script's call that also pushes each job's message (``envelopes``, one per
         job, as the broker keeps them) onto ``queue``, on a broker that is the same Redis."""
         return scripts.create(self.name, json.dumps(self.flags), self.process_timeout, self.tombstone,
-                              self.delay, self.park, self.jobs, queue, envelopes)
+                              self.delay, self.park, self.jobs, queue, envelopes, self.flags["priority"],
+                              self.flags["concurrency_key"], self.chosen_ids, self.forget_prefix)
 
     def tick_call(self, schedule_key: str, tick_at: float) -> scripts.Call[bool]:
         """The call that claims a cron tick and creates this (one) job with it."""
         return scripts.tick(schedule_key, tick_at, self.name, json.dumps(self.flags), self.process_timeout,
-                            self.tombstone, self.jobs[0])
+                            self.tombstone, self.jobs[0], self.flags["priority"],
+                            self.flags["concurrency_key"])
 
     @property
     def messages(self) -> list[Message]:
@@ -141,29 +159,59 @@ class CreatePlan:
             return []
         return [Message(job_id, 1, self.delay, shown(self.name, data)) for job_id, data in self.jobs]
 
-    def created(self, created_at: float,
+    def existing(self, reply: scripts.Created) -> dict[str, tuple[str, float, str, str]]:
+        """The jobs of this create that existed already (only the caller's own ids can: a fresh id
+        found existing is this same call, sent again after a lost reply)."""
+        return reply.existing if self.chosen_ids else {}
+
+    def created(self, reply: scripts.Created,
                 promise: Callable[[str, str, float], Promise]) -> list[Job]:
         """The jobs to hand back; ``promise(job_id, name, deadline)`` makes a tombstone's promise.
 
-        ``created_at`` is the create script's reply (the Redis clock, as on the records); each
-        job's ``data`` is its stored JSON decoded, as ``get()`` and the handler see it.
+        Times are the Redis clock, as on the records; each job's ``data`` is its stored JSON
+        decoded, as ``get()`` and the handler see it. A job whose id existed is that job, with
+        ``created=False``.
         """
         state = "delayed" if self.delay > 0 else "queued"
-        deadline = created_at + float(self.flags["tombstone_timeout"])
-        at = from_timestamp(created_at)
-        return [Job(job_id, self.name, state,
-                    promise(job_id, self.name, deadline) if self.tombstone else None,
-                    data=json.loads(data_json), created_at=at, created=True)
-                for job_id, data_json in self.jobs]
+        deadline = reply.created_at + float(self.flags["tombstone_timeout"])
+        at = from_timestamp(reply.created_at)
+        existing = self.existing(reply)
+        jobs = []
+        for job_id, data_json in self.jobs:
+            was = existing.get(job_id)
+            if was is None:
+                jobs.append(Job(job_id, self.name, state,
+                                promise(job_id, self.name, deadline) if self.tombstone else None,
+                                data=json.loads(data_json), created_at=at, created=True))
+            else:  # that job, of its own name
+                name = was[3]
+                waiter = promise(job_id, name, deadline) if self.tombstone else None
+                jobs.append(Job(job_id, name, was[0], waiter, data=json.loads(was[2]),
+                                created_at=from_timestamp(was[1]), created=False))
+        return jobs
+
+    def unwritten(self, reply: scripts.Created) -> list[Message]:
+        """The messages of the jobs this create wrote (none for the ids that existed)."""
+        existing = self.existing(reply)
+        return [m for m in self.messages if m.job_id not in existing]
 
 
 def plan_create(options: Mapping[str, Any], horizon_seconds: float, name: Any, items: Sequence[Any],
-                given: Mapping[str, Any] | None, flags: Mapping[str, Any]) -> CreatePlan:
-    """Validate a create (name, flags, every item's data) and plan it; raises on bad input."""
+                given: Mapping[str, Any] | None, flags: Mapping[str, Any],
+                job_ids: Sequence[Any] | None = None) -> CreatePlan:
+    """Validate a create (name, flags, every item's data and id) and plan it; raises on bad input."""
     check_name(name)
     merged = {**opts.validate_flags(given or {}), **opts.validate_flags(flags)}
     resolved = job_flags(options, name, merged)
     payloads = [dumps(item, "job data") for item in items]
+    if job_ids is None:
+        ids = [str(uuid.uuid4()) for _ in payloads]
+    else:
+        if isinstance(job_ids, (str, bytes)) or len(job_ids) != len(payloads):
+            raise InvalidJobOptions(f"job_ids: expected a list of {len(payloads)} ids, one per item")
+        ids = [check_job_id(job_id) for job_id in job_ids]
+        if len(set(ids)) != len(ids):
+            raise InvalidJobOptions("job_ids: the ids of one create_many must be distinct")
     delay = float(resolved["delay"] or 0.0)
-    return CreatePlan(name, resolved, [(str(uuid.uuid4()), payload) for payload in payloads],
-                      park=delay > horizon_seconds)
+    return CreatePlan(name, resolved, list(zip(ids, payloads, strict=True)), park=delay > horizon_seconds,
+                      chosen_ids=job_ids is not None)

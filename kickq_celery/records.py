@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from .exceptions import InvalidJobData, KickqError
 from .keys import FINAL_STATES
 
 if TYPE_CHECKING:
@@ -43,9 +45,11 @@ class Job:
     """A job: what ``create()`` returns, and what a handler receives.
 
     ``create()`` fills ``id``, ``name``, ``state``, ``data`` (as stored: its JSON
-    decoded), ``created_at`` (the Redis clock, UTC), ``created`` (True: a new job)
-    and ``promise`` (tombstoned jobs only); a handler's job also has ``run``
-    (1 for the first run) and ``runs`` (the earlier runs).
+    decoded), ``created_at`` (the Redis clock, UTC), ``created`` (True: a new job;
+    False: a ``job_id`` that existed, and this is that job) and ``promise``
+    (tombstoned jobs only); a handler's job also has ``run`` (1 for the first run),
+    ``runs`` (the earlier runs), :meth:`progress`, and ``deleted`` (True once the job
+    was deleted while it runs: a handler may stop then, its result is discarded).
     """
 
     id: str
@@ -57,6 +61,23 @@ class Job:
     runs: tuple[Run, ...] = ()
     created_at: datetime | None = None
     created: bool = True
+    deleted: bool = False
+    #: records a progress value of the running job (set by the worker); True when recorded
+    recorder: Callable[[str], bool] | None = field(default=None, repr=False, compare=False)
+
+    def progress(self, value: Any) -> bool:
+        """Record ``value`` (JSON-serializable) as the job's progress (``get(id).progress``).
+
+        Returns False, recording nothing, when this run no longer holds the job (it was
+        reaped, or the job deleted). Raises InvalidJobData for a value that is not JSON.
+        """
+        if self.recorder is None:
+            raise KickqError("progress() records the progress of a running job, in its handler")
+        try:
+            value_json = json.dumps(value, allow_nan=False, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise InvalidJobData(f"progress value is not JSON-serializable: {exc}") from None
+        return self.recorder(value_json)
 
 
 @dataclass(frozen=True)
@@ -78,6 +99,9 @@ class JobRecord:
     last_error: str | None
     total_process_time: float
     runs: list[Run] = field(default_factory=list)
+    progress: Any = None
+    priority: int = 0
+    concurrency_key: str | None = None
 
     @classmethod
     def from_hash(cls, raw: dict[str, str]) -> JobRecord:
@@ -98,6 +122,9 @@ class JobRecord:
             last_error=raw.get("last_error") or None,
             total_process_time=float(raw.get("total_process_time") or 0),
             runs=[Run.from_dict(run) for run in json.loads(raw.get("runs") or "[]")],
+            progress=json.loads(raw["progress"]) if raw.get("progress") else None,
+            priority=int(raw.get("priority") or 0),
+            concurrency_key=raw.get("ckey") or None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,7 +138,8 @@ class JobRecord:
             "updated_at": iso(self.updated_at), "scheduled_for": iso(self.scheduled_for),
             "finished_at": iso(self.finished_at), "complete": self.complete,
             "success": self.success, "result": self.result, "last_error": self.last_error,
-            "total_process_time": self.total_process_time,
+            "total_process_time": self.total_process_time, "progress": self.progress,
+            "priority": self.priority, "concurrency_key": self.concurrency_key,
             "runs": [{"number": r.number, "started_at": iso(r.started_at),
                       "duration": r.duration, "state": r.state, "error": r.error,
                       "traceback": r.traceback}

@@ -15,6 +15,7 @@ from importlib import resources
 from typing import Any, Generic, TypeVar
 
 from .keys import FINAL_STATES
+from .options import Limits
 from .records import Run
 
 T = TypeVar("T")
@@ -24,7 +25,7 @@ _LIB = resources.files(__package__).joinpath("lua/lib.lua").read_text()
 #: the scripts that take a call id and keep their reply (see ``replayed`` in lua/lib.lua)
 REPLAYED = ("delete", "reap", "promote", "tick", "limit")
 NAMES = ("create", "start", "finish", "reap", "heartbeat", "delete", "promote", "unpark", "tick",
-         "overdue", "limit")
+         "overdue", "limit", "progress")
 #: Each script with the shared helpers (lua/lib.lua) prepended.
 SOURCES = {name: _LIB + resources.files(__package__).joinpath(f"lua/{name}.lua").read_text()
            for name in NAMES}
@@ -56,7 +57,7 @@ class Call(Generic[T]):
     @property
     def replays(self) -> bool:
         """Whether the script answers this call sent again as the first time (ARGV[1] is its id)."""
-        return self.script in REPLAYED
+        return self.script in REPLAYED or (self.script == "create" and self.args[0] != "")
 
     @property
     def request(self) -> tuple[Any, ...]:
@@ -65,6 +66,25 @@ class Call(Generic[T]):
 
 
 # --- replies -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Created:
+    """The reply of create: its time (the Redis clock), and the jobs whose id existed
+    (id -> (state, created_at, data_json, name)): those were not written again."""
+
+    created_at: float
+    existing: dict[str, tuple[str, float, str, str]]
+
+    @classmethod
+    def parse(cls, reply: Sequence[Any]) -> Created:
+        return cls(float(reply[0]), {text(r[0]): (text(r[1]), float(r[2]), text(r[3]), text(r[4]))
+                                     for r in reply[1]})
+
+    @classmethod
+    def combine(cls, replies: Sequence[Created]) -> Created:
+        """The replies of the calls of one create: its time is the first call's."""
+        return cls(replies[0].created_at, {k: v for reply in replies for k, v in reply.existing.items()})
 
 
 @dataclass(frozen=True)
@@ -100,6 +120,7 @@ class Ended:
     tombstone: bool = False
     attempt: int = 0
     last_error: str = ""
+    terminated: bool = False  # deleted with terminate while it ran: its outcome is discarded
 
     @property
     def final(self) -> bool:
@@ -110,9 +131,9 @@ class Ended:
         if text(reply[0]) == "stale":
             return cls(job_id, "stale")
         verdict, released, due_in, tombstone, attempt, error = (
-            None if item is None else text(item) for item in reply)
+            None if item is None else text(item) for item in reply[:6])
         return cls(job_id, verdict or "", released, float(due_in or 0), tombstone == "1",
-                   int(attempt or 0), error or "")
+                   int(attempt or 0), error or "", len(reply) > 6 and text(reply[6]) == "1")
 
 
 @dataclass(frozen=True)
@@ -157,19 +178,34 @@ def _overdue(reply: Sequence[Any]) -> list[Claimed]:
 # --- calls -------------------------------------------------------------------
 
 
+#: the create script's ARGV before its jobs: the calls of one name, flags and key that agree on
+#: it can be merged into one (see store.merged)
+CREATE_HEADER = 10
+#: the most jobs one create call writes (a create_many is as many calls, pipelined): each call
+#: holds Redis for about a millisecond, never long enough to keep other clients waiting
+CREATE_CHUNK = 50
+#: the most waiting jobs one limit call wakes (the store calls again until fewer are woken)
+RELEASE_CAP = 200
+#: the most runs one reap call ends, and jobs one promote call claims (callers loop until fewer)
+REAP_LIMIT = 20
+PROMOTE_LIMIT = 100
+
+
 def create(name: str, flags_json: str, process_timeout: float | None, tombstone: bool, delay: float,
            park: bool, jobs: Sequence[tuple[str, str]], queue: str | None = None,
-           messages: Sequence[str] = ()) -> Call[float]:
+           messages: Sequence[str] = (), priority: int = 0, concurrency_key: str | None = None,
+           chosen_ids: bool = False, forget_prefix: str = "") -> Call[Created]:
     """Write job records (id, data_json pairs), and with ``queue`` (the broker's list on the same
-    Redis) push each new job's message with it; replies the creation time (Redis clock)."""
+    Redis) push each new job's message with it. With ``chosen_ids`` (the caller's own ids), the
+    call takes an id so that, sent again, it answers as the first time; ``forget_prefix`` (their
+    result backend's key prefix, in the same Redis) drops an outcome an earlier job of the id left."""
+    header = (call_id() if chosen_ids else "", name, flags_json, _opt(process_timeout), int(tombstone),
+              delay, int(park), priority, concurrency_key or "", forget_prefix)
     if queue is None:
-        items = [item for job in jobs for item in job]
-        return Call("create", (name, flags_json, _opt(process_timeout), int(tombstone), delay, int(park),
-                               *items), float)
+        return Call("create", (*header, *(item for job in jobs for item in job)), Created.parse)
     items = [item for (job_id, data), message in zip(jobs, messages, strict=True)
              for item in (job_id, data, message)]
-    return Call("create", (name, flags_json, _opt(process_timeout), int(tombstone), delay, int(park),
-                           *items), float, (queue,))
+    return Call("create", (*header, *items), Created.parse, (queue,))
 
 
 def start(job_id: str, attempt: int, token: str, lock_timeout: float) -> Call[Started]:
@@ -183,27 +219,34 @@ def finish(job_id: str, token: str, outcome: str, payload: str, purge: float,
                 lambda r: Ended.parse(job_id, r))
 
 
-def reap(purge: float, limit: int = 100) -> Call[list[Ended]]:
+def reap(purge: float, limit: int = REAP_LIMIT) -> Call[list[Ended]]:
     return Call("reap", (call_id(), purge, limit),
                 lambda reply: [Ended.parse(text(r[0]), r[1:]) for r in reply])
 
 
-def heartbeat(lock_timeout: float, runs: Sequence[tuple[str, str]]) -> Call[list[str]]:
-    """Renew the locks of (id, token) runs; replies the ids no longer held."""
+def heartbeat(lock_timeout: float, runs: Sequence[tuple[str, str]]) -> Call[list[tuple[str, str]]]:
+    """Renew the locks of (id, token) runs; replies (id, 'lost' | 'deleted' | 'terminate') for the
+    runs no longer held and the jobs deleted while they run."""
     pairs = [item for run in runs for item in run]
-    return Call("heartbeat", (lock_timeout, *pairs), lambda reply: [text(i) for i in reply])
+    return Call("heartbeat", (lock_timeout, *pairs), lambda reply: [(text(i), text(s)) for i, s in reply])
 
 
-def delete(job_id: str) -> Call[Deleted]:
-    return Call("delete", (call_id(), job_id), Deleted.parse)
+def delete(job_id: str, terminate: bool = False) -> Call[Deleted]:
+    return Call("delete", (call_id(), job_id, int(terminate)), Deleted.parse)
 
 
-def promote(horizon: float, lease: float, limit: int = 500) -> Call[tuple[list[Claimed], float | None]]:
+def progress(job_id: str, token: str, value_json: str) -> Call[bool]:
+    """Record a running job's progress; replies whether the run still held the job."""
+    return Call("progress", (job_id, token, value_json), bool)
+
+
+def promote(horizon: float, lease: float,
+            limit: int = PROMOTE_LIMIT) -> Call[tuple[list[Claimed], float | None]]:
     """Claim parked jobs due within ``horizon``; replies them, and how soon the next one is due."""
     return Call("promote", (call_id(), horizon, lease, limit), _promoted)
 
 
-def overdue(grace: float, limit: int = 500) -> Call[list[Claimed]]:
+def overdue(grace: float, limit: int = 100) -> Call[list[Claimed]]:
     """Waiting jobs due for more than ``grace`` seconds that no promoter or slot holds."""
     return Call("overdue", (grace, limit), _overdue)
 
@@ -213,12 +256,18 @@ def unpark(claims: Sequence[Claimed]) -> Call[Any]:
 
 
 def tick(schedule_key: str, tick_at: float, name: str, flags_json: str, process_timeout: float | None,
-         tombstone: bool, job: tuple[str, str]) -> Call[bool]:
+         tombstone: bool, job: tuple[str, str], priority: int = 0,
+         concurrency_key: str | None = None) -> Call[bool]:
     """Claim a cron tick for this caller alone and create its job (id, data_json), parked as due."""
     return Call("tick", (call_id(), schedule_key, repr(tick_at), name, flags_json, _opt(process_timeout),
-                         int(tombstone), *job), bool)
+                         int(tombstone), priority, concurrency_key or "", *job), bool)
 
 
-def limit(name: str, max_jobs_num: int | None) -> Call[int]:
-    """Set (None: clear) a name's max_jobs_num; replies how many waiting jobs it woke."""
-    return Call("limit", (call_id(), name, "" if max_jobs_num is None else max_jobs_num), int)
+def limit(name: str, limits: Limits) -> Call[int]:
+    """Set a name's limits (all None: clear them); replies how many waiting jobs it woke."""
+    def arg(value: Any) -> str:
+        return "" if value is None else repr(value)
+
+    rate_n, rate_window = limits.rate or (None, None)
+    return Call("limit", (call_id(), name, arg(limits.max_jobs_num), arg(rate_n), arg(rate_window),
+                          arg(limits.max_jobs_per_key), RELEASE_CAP), int)

@@ -20,8 +20,9 @@ from . import scripts
 from .connection import AsyncClient, Client, masked_url, redis_errors, redis_now
 from .exceptions import ConfigError, RedisUnavailable
 from .keys import FINAL_STATES, STATES, Keys
+from .options import Limits
 from .records import JobRecord
-from .scripts import Call, Claimed, Deleted, Ended, Started, text
+from .scripts import CREATE_CHUNK, CREATE_HEADER, Call, Claimed, Deleted, Ended, Started, text
 
 T = TypeVar("T")
 
@@ -98,15 +99,33 @@ class JobStore(_Store):
 
     def pipelined(self, call: Call[T]) -> T:
         """Send ``call`` in a pipeline, followed on the same connection by WAIT when
-        ``wait_replicas`` asks for it. The script goes by its SHA (no SCRIPT EXISTS round trip
-        first); should Redis have lost it, the scripts are loaded and the call sent again."""
+        ``wait_replicas`` asks for it (see :meth:`run_all`)."""
+        return self._pipelined([call])[0]  # type: ignore[no-any-return]
+
+    def run_all(self, calls: Sequence[Call[Any]]) -> list[Any]:
+        """Send ``calls`` in one round trip (a pipeline; one by one on a Cluster, whose pipelines
+        take no scripts) and parse each reply; the first error raises."""
+        if len(calls) == 1:
+            return [self.run(calls[0])]
+        if isinstance(self.client, RedisCluster):
+            return [self.run(call) for call in calls]
+        return self._pipelined(calls)
+
+    def _pipelined(self, calls: Sequence[Call[Any]]) -> list[Any]:
+        """The calls in a pipeline, each script by its SHA (no SCRIPT EXISTS round trip first);
+        should Redis have lost them, the scripts are loaded and the calls sent again (each call
+        sent again changes nothing it did: see ``replayed`` in lua/lib.lua)."""
         for again in (False, True):
             pipe = self.client.pipeline(transaction=False)
-            queue_pipelined(self, call, pipe)
+            ends = []
+            for call in calls:
+                queue_pipelined(self, call, pipe)
+                ends.append(len(pipe.command_stack))
             with redis_errors(self.client):
                 replies = pipe.execute(raise_on_error=False)
             try:
-                return parse_pipelined(self, call, replies)
+                return [parse_pipelined(self, call, replies[start:end])
+                        for call, start, end in zip(calls, [0, *ends], ends, strict=False)]
             except redis.exceptions.NoScriptError:
                 if again:
                     raise
@@ -117,11 +136,6 @@ class JobStore(_Store):
 
     # --- transitions -------------------------------------------------------
 
-    def create(self, name: str, flags_json: str, process_timeout: float | None, tombstone: bool,
-               delay: float, park: bool, jobs: Sequence[tuple[str, str]]) -> float:
-        """Write job records; returns the creation time (Redis clock)."""
-        return self.run(scripts.create(name, flags_json, process_timeout, tombstone, delay, park, jobs))
-
     def start_run(self, job_id: str, attempt: int, token: str, lock_timeout: float) -> Started:
         return self.run(scripts.start(job_id, attempt, token, lock_timeout))
 
@@ -129,27 +143,38 @@ class JobStore(_Store):
                    traceback: str = "") -> Ended:
         return self.run(scripts.finish(job_id, token, outcome, payload, purge, traceback))
 
-    def reap(self, purge: float, limit: int = 100) -> list[Ended]:
+    def reap(self, purge: float, limit: int = scripts.REAP_LIMIT) -> list[Ended]:
         return self.run(scripts.reap(purge, limit))
 
-    def heartbeat(self, lock_timeout: float, runs: Sequence[tuple[str, str]]) -> list[str]:
+    def heartbeat(self, lock_timeout: float, runs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
         return self.run(scripts.heartbeat(lock_timeout, runs))
 
-    def delete(self, job_id: str) -> Deleted:
-        return self.run(scripts.delete(job_id))
+    def delete(self, job_id: str, terminate: bool = False) -> Deleted:
+        return self.run(scripts.delete(job_id, terminate))
 
-    def promote(self, horizon: float, lease: float, limit: int = 500) -> tuple[list[Claimed], float | None]:
+    def progress(self, job_id: str, token: str, value_json: str) -> bool:
+        return self.run(scripts.progress(job_id, token, value_json))
+
+    def promote(self, horizon: float, lease: float,
+                limit: int = scripts.PROMOTE_LIMIT) -> tuple[list[Claimed], float | None]:
         return self.run(scripts.promote(horizon, lease, limit))
 
-    def overdue(self, grace: float, limit: int = 500) -> list[Claimed]:
+    def overdue(self, grace: float, limit: int = 100) -> list[Claimed]:
         return self.run(scripts.overdue(grace, limit))
 
     def unpark(self, claims: Sequence[Claimed]) -> None:
         if claims:
             self.run(scripts.unpark(claims))
 
-    def set_limit(self, name: str, limit: int | None) -> int:
-        return self.run(scripts.limit(name, limit))
+    def set_limits(self, name: str, limits: Limits) -> int:
+        """Set a name's limits; returns how many waiting jobs that woke (in calls of at most
+        scripts.RELEASE_CAP each, so that none holds Redis long)."""
+        total = 0
+        while True:
+            woken = self.run(scripts.limit(name, limits))
+            total += woken
+            if woken < scripts.RELEASE_CAP:
+                return total
 
     # --- reads -------------------------------------------------------------
 
@@ -260,18 +285,22 @@ Batch = list[tuple[Call[Any], list[asyncio.Future[Any]]]]
 
 
 def merged(batch: list[tuple[Call[Any], asyncio.Future[Any]]]) -> Batch:
-    """The calls of a batch, creates of one name and flags (the first six ARGV) and queue merged
-    into one create of all their jobs: each job is written as it would have been alone."""
+    """The calls of a batch, creates of one name and flags (the ARGV before the jobs) and queue
+    merged into one create of all their jobs: each job is written as it would have been alone.
+    (A create of the caller's own ids has a call id of its own, so it is never merged.)"""
     out: Batch = []
     creates: dict[tuple[Any, ...], int] = {}
     for call, future in batch:
         if call.script != "create":
             out.append((call, [future]))
             continue
-        key = (call.keys, *call.args[:6])
-        if key in creates:
+        key = (call.keys, *call.args[:CREATE_HEADER])
+        if key in creates and not call.replays and (
+                len(out[creates[key]][0].args) + len(call.args) - 2 * CREATE_HEADER
+                <= CREATE_CHUNK * (3 if call.keys else 2)):  # (id, data[, message] per job)
             first, futures = out[creates[key]]
-            out[creates[key]] = (replace(first, args=(*first.args, *call.args[6:])), [*futures, future])
+            out[creates[key]] = (replace(first, args=(*first.args, *call.args[CREATE_HEADER:])),
+                                 [*futures, future])
         else:
             creates[key] = len(out)
             out.append((call, [future]))

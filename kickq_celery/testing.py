@@ -115,7 +115,8 @@ def kickq(request: pytest.FixtureRequest, kickq_app: Celery, kickq_namespace: st
     kq = Kickq(kickq_app, **overrides)
     if user is not None:
         for name, handler in user.handlers.items():
-            kq.process(name, {"max_jobs_num": user.processed[name]}, handler)
+            kq.process(name, handler)
+            kq.processed[name] = user.processed[name]  # the same limits
     yield kq
     purge_namespace(kq)
     Kickq.reset()

@@ -19,7 +19,16 @@ from .exceptions import JobFailed
 from .keys import Keys
 
 if TYPE_CHECKING:
+    from .records import JobRecord
     from .store import AsyncJobStore, JobStore
+
+
+def ended_outcome(record: JobRecord) -> Any:
+    """The outcome waiters of an ended job get: its result, or a JobFailed."""
+    if record.success:
+        return record.result
+    error = record.last_error or ""
+    return JobFailed(f"job {record.id} failed: {error}", record.id, error)
 
 
 def ensure_result_backend(app: Celery, client: Client, keys: Keys) -> None:

@@ -21,13 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class WorkerProcess:
-    """A `celery -A tests.workerapp worker` subprocess in its own process group."""
+    """A `celery -A tests.workerapp worker` subprocess (or of another ``app`` module) in its
+    own process group."""
 
     def __init__(self, env: dict[str, str], log: Path, concurrency: int, pool: str, name: str,
-                 queues: str | None = None) -> None:
+                 queues: str | None = None, app: str = "tests.workerapp") -> None:
         self.log = log
         self._out = open(log, "ab")
-        cmd = [sys.executable, "-m", "celery", "-A", "tests.workerapp", "worker",
+        cmd = [sys.executable, "-m", "celery", "-A", app, "worker",
                "--loglevel", "INFO", "--pool", pool, "--concurrency", str(concurrency),
                "--without-mingle", "--without-gossip", "--hostname", f"{name}@%h"]
         if queues is not None:
@@ -55,17 +56,20 @@ class WorkerProcess:
 @pytest.fixture
 def worker_process(tmp_path: Path, kickq_namespace: str,
                    kickq_redis_url: str) -> Iterator[Callable[..., WorkerProcess]]:
-    """Start `celery worker` subprocesses on the test's namespace; all stopped afterwards."""
+    """Start `celery worker` subprocesses on the test's namespace; all stopped afterwards.
+    ``app``: the module of the Celery app (``tests.workerapp`` by default); ``**env`` become
+    ``KICKQ_TEST_<NAME>`` environment variables."""
     started: list[WorkerProcess] = []
 
     def start(concurrency: int = 2, pool: str = "prefork", wait: bool = True,
-              redis_url: str | None = None, queues: str | None = None, **env: Any) -> WorkerProcess:
+              redis_url: str | None = None, queues: str | None = None, app: str = "tests.workerapp",
+              **env: Any) -> WorkerProcess:
         environ = {**os.environ, "KICKQ_TEST_NS": kickq_namespace,
                    "KICKQ_TEST_REDIS_URL": redis_url or kickq_redis_url,
                    "PYTHONPATH": str(ROOT)}
         environ.update({f"KICKQ_TEST_{k.upper()}": str(v) for k, v in env.items()})
         name = f"w{len(started)}"
-        worker = WorkerProcess(environ, tmp_path / f"{name}.log", concurrency, pool, name, queues)
+        worker = WorkerProcess(environ, tmp_path / f"{name}.log", concurrency, pool, name, queues, app)
         started.append(worker)
         if wait:
             worker.wait_ready()

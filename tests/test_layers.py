@@ -16,7 +16,7 @@ LAYERS = {
     "core": ["plan", "scripts", "settings"],
     "io": ["connection", "store", "publisher", "tombstones", "cron", "waiters", "promise", "registry"],
     "worker": ["worker.heartbeat", "worker.loops", "worker.task", "worker.bootstep"],
-    "client": ["client"],
+    "client": ["client", "tasks"],
     "edges": ["cli", "prometheus", "testing", "harness", "embedded"],
 }
 RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}

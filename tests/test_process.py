@@ -49,7 +49,8 @@ def test_process_forms_register_a_task_and_queue_per_name(kickq, kickq_namespace
     def bare(job):
         return "e"
 
-    assert kickq.processed == {"dec": 3, "a": 10, "b": 10, "c": None, "d": None, "e": None}
+    assert {name: limits.max_jobs_num for name, limits in kickq.processed.items()} == {
+        "dec": 3, "a": 10, "b": 10, "c": None, "d": None, "e": None}
     consumed = {queue.name for queue in kickq.app.amqp.queues.consume_from.values()}
     for name, handler in (("dec", decorated), ("a", shared), ("b", shared), ("c", plain), ("e", bare)):
         task_name = f"{kickq_namespace}.{name}"

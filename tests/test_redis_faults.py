@@ -29,6 +29,7 @@ from kickq_celery import JobDeleted, JobFailed, Kickq, RedisUnavailable, Tombsto
 from kickq_celery.connection import redis_now
 from kickq_celery.cron import definitions, latest_tick
 from kickq_celery.keys import STATES
+from kickq_celery.options import Limits
 from kickq_celery.records import JobRecord
 from kickq_celery.scripts import SOURCES, text
 from kickq_celery.testing import make_app, purge_namespace, wait_for, worker
@@ -158,6 +159,22 @@ def create_many(kq: Kickq, fault: Fault) -> dict[str, Any]:
             **snapshot(kq, "cm", [job.id for job in jobs])}
 
 
+def create_chosen_id(kq: Kickq, fault: Fault) -> dict[str, Any]:
+    fault.arm("create")  # the call sent again must answer as the first did: created, not existing
+    job = kq.create("ci", {"n": 1}, job_id="order-1")
+    assert job is not None and job.created
+    return {"returned": (job.id, job.state, job.created), **snapshot(kq, "ci", [job.id])}
+
+
+def progress(kq: Kickq, fault: Fault) -> dict[str, Any]:
+    job = kq.create("p", 1)
+    assert kq.store.start_run(job.id, 1, "token-1", 30).status == "run"
+    fault.arm("progress")
+    recorded = kq.store.progress(job.id, "token-1", '{"done":3}')
+    assert recorded and kq.get(job.id).progress == {"done": 3}
+    return {"returned": recorded, **snapshot(kq, "p", [job.id])}
+
+
 def start(kq: Kickq, fault: Fault) -> dict[str, Any]:
     job = kq.create("s", {"n": 2})
     fault.arm("start")
@@ -197,7 +214,7 @@ def heartbeat(kq: Kickq, fault: Fault) -> dict[str, Any]:
     fault.arm("heartbeat")
     lost = kq.store.heartbeat(30, [(job.id, "token-1"), ("no-such-job", "token-2")])
     deadline = kq.redis.zscore(kq.keys.active, job.id) - redis_now(kq.redis)
-    assert lost == ["no-such-job"] and 25 < deadline <= 30, (lost, deadline)
+    assert lost == [("no-such-job", "lost")] and 25 < deadline <= 30, (lost, deadline)
     return {"returned": lost, **snapshot(kq, "h", [job.id])}
 
 
@@ -279,13 +296,13 @@ def tick(kq: Kickq, fault: Fault) -> dict[str, Any]:
 
 
 def limit(kq: Kickq, fault: Fault) -> dict[str, Any]:
-    assert kq.store.set_limit("l", 1) == 0
+    assert kq.store.set_limits("l", Limits(1)) == 0
     jobs = kq.create_many("l", [1, 2, 3, 4])
     ids = [job.id for job in jobs]
     statuses = [kq.store.start_run(job_id, 1, f"token-{i}", 30).status for i, job_id in enumerate(ids)]
     assert statuses == ["run", "wait", "wait", "wait"]
     fault.arm("limit")
-    woken = kq.store.set_limit("l", 3)  # two more slots: two of the three waiting jobs woken
+    woken = kq.store.set_limits("l", Limits(3))  # two more slots: two of the three waiting jobs woken
     assert woken == 2 and kq.redis.zcard(kq.keys.delayed) == 2
     assert kq.redis.hget(kq.keys.limits, "l") == b"3"
     return {"returned": woken, **snapshot(kq, "l", ids)}
@@ -304,6 +321,8 @@ def overdue(kq: Kickq, fault: Fault) -> dict[str, Any]:
 SCENARIOS: dict[str, tuple[str, Callable[[Kickq, Fault], dict[str, Any]]]] = {
     "create": ("create", create_one),
     "create_many": ("create", create_many),
+    "create_chosen_id": ("create", create_chosen_id),
+    "progress": ("progress", progress),
     "start": ("start", start),
     "finish": ("finish", finish),
     "finish-retry": ("finish", finish_retry),

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 
-from kickq_celery import JobNotFound, Kickq, testing
+from kickq_celery import JobNotFound, Kickq, scripts, testing
 from kickq_celery.testing import purge_namespace, wait_for
 from kickq_celery.worker.loops import redelivery_grace
 from tests.conftest import listed
@@ -178,9 +178,10 @@ def test_lost_message_is_published_again(kickq_app, kickq_namespace, kickq_redis
 
     try:
         # the record alone, as if its message had been lost between broker and worker
-        kq.store.create("lost", '{"delay": null, "retry": false, "retry_count": 3, "retry_interval": 0,'
+        kq.store.run(scripts.create(
+            "lost", '{"delay": null, "retry": false, "retry_count": 3, "retry_interval": 0,'
                         ' "ghost_retry": true, "ghost_times": 1, "ghost_interval": 0}',
-                        None, False, 0.0, False, [("lost-1", '"x"')])
+                        None, False, 0.0, False, [("lost-1", '"x"')]))
         assert kq.get("lost-1").state == "queued"
         with testing.worker(kickq_app):
             record = wait_for(lambda: kq.get("lost-1").complete and kq.get("lost-1"),

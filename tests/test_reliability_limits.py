@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+from kickq_celery.options import Limits
 from kickq_celery.testing import wait_for
 from tests.conftest import listed
 
@@ -74,7 +75,7 @@ def test_deleting_a_woken_job_passes_its_slot_on(kickq, r):
     the woken job's start is too short to hit with workers.
     """
     store = kickq.store
-    store.set_limit("limited", 1)
+    store.set_limits("limited", Limits(1))
     a, b, c = (job.id for job in kickq.create_many("limited", ["a", "b", "c"]))
     assert store.start_run(a, 1, "token-a", 30).status == "run"
     assert store.start_run(b, 1, "token-b", 30).status == "wait"
@@ -93,14 +94,14 @@ def test_a_raised_or_removed_limit_wakes_the_waiting_jobs(kickq, r):
     """Workers restarted with a higher (or no) max_jobs_num must not strand the jobs
     already waiting for a slot (nothing else would wake them if nothing runs)."""
     store = kickq.store
-    store.set_limit("limited", 1)
+    store.set_limits("limited", Limits(1))
     a, b, c, d = (job.id for job in kickq.create_many("limited", ["a", "b", "c", "d"]))
     assert store.start_run(a, 1, "token-a", 30).status == "run"
     assert [store.start_run(j, 1, "t", 30).status for j in (b, c, d)] == ["wait"] * 3
-    assert store.set_limit("limited", 1) == 0  # same limit, slot taken: nobody wakes
-    assert store.set_limit("limited", 2) == 1  # one more slot: the oldest waiting job
+    assert store.set_limits("limited", Limits(1)) == 0  # same limit, slot taken: nobody wakes
+    assert store.set_limits("limited", Limits(2)) == 1  # one more slot: the oldest waiting job
     assert r.zrange(kickq.keys.delayed, 0, -1) == [b]
-    assert store.set_limit("limited", None) == 2  # no limit: everyone
+    assert store.set_limits("limited", Limits(None)) == 2  # no limit: everyone
     assert sorted(r.zrange(kickq.keys.delayed, 0, -1)) == sorted([b, c, d])
     assert not r.exists(kickq.keys.waiting("limited"), kickq.keys.limits)
     assert [store.start_run(j, 1, "t", 30).status for j in (b, c, d)] == ["run"] * 3

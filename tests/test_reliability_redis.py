@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 
-from kickq_celery import JobNotFound, Kickq
+from kickq_celery import JobNotFound, Kickq, scripts
 from kickq_celery.testing import make_app, wait_for
 
 
@@ -189,8 +189,9 @@ def test_keys_return_to_baseline_after_2000_jobs(kickq, kickq_worker):
         return s.succeeded + s.failed == n
 
     def back_to(baseline: list[str]) -> list[str] | None:
+        # (an index the reaper trimmed empty is gone: fewer keys than the baseline is fine)
         keys = namespace_keys(kickq)
-        return keys if keys == baseline else None
+        return keys if set(keys) <= set(baseline) else None
 
     # baseline: what a name keeps for good (stats, samples, completions, name set, indexes)
     kickq.create_many("work", [1, 2, 3, -1])
@@ -211,8 +212,11 @@ def test_keys_return_to_baseline_after_2000_jobs(kickq, kickq_worker):
     s = stats()
     assert (s.succeeded, s.failed, s.queued, s.processing) == (1954, 51, 0, 0)
 
-    keys = wait_for(lambda: back_to(baseline), 15, 0.2, f"the keys to return to the baseline {baseline}")
-    assert len(keys) == len(baseline) < 15
+    try:
+        keys = wait_for(lambda: back_to(baseline), 15, 0.2, f"the keys to return to the baseline {baseline}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; now {namespace_keys(kickq)}") from None
+    assert len(keys) <= len(baseline) < 15
     # the finished-state indexes are trimmed by the next finish
     kickq.create("work", 5, tombstone=True).promise.wait()
     assert kickq.redis.zcard(kickq.keys.index("success")) == 1
@@ -268,9 +272,9 @@ def test_a_create_sent_again_does_not_reset_the_job(kickq):
     """redis-py re-sends a create (one Lua call, or the MULTI with the message) whose reply
     a dropped connection lost; the second one must not reset a job already started."""
     store = kickq.store
-    store.create("again", "{}", None, False, 0.0, False, [("job-1", '"data"')])
+    store.run(scripts.create("again", "{}", None, False, 0.0, False, [("job-1", '"data"')]))
     assert store.start_run("job-1", 1, "token", 30).status == "run"
-    store.create("again", "{}", None, False, 0.0, False, [("job-1", '"data"'), ("job-2", "2")])
+    store.run(scripts.create("again", "{}", None, False, 0.0, False, [("job-1", '"data"'), ("job-2", "2")]))
     assert kickq.get("job-1").state == "processing"
     assert kickq.get("job-2").state == "queued"  # the new id of the same call is written
     stats = kickq.stats("again").total

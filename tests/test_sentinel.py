@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import redis
 
-from kickq_celery import JobNotFound, Kickq, RedisUnavailable, testing
+from kickq_celery import JobNotFound, Kickq, RedisUnavailable, scripts, testing
 from kickq_celery.connection import client_for
 from kickq_celery.testing import make_app, purge_namespace, wait_for
 from kickq_celery.worker.loops import redelivery_grace
@@ -265,9 +265,10 @@ def assert_each_ran_once(rig: Rig, kq: Kickq, acked: list[str], final: dict[str,
 def test_redelivery_sweep_runs_on_a_sentinel_broker(rig: Rig) -> None:
     kq = rig.kickq()
     # the record alone, as if its message had been lost between broker and worker
-    kq.store.create("record", '{"delay": null, "retry": false, "retry_count": 3, "retry_interval": 0,'
+    kq.store.run(scripts.create(
+        "record", '{"delay": null, "retry": false, "retry_count": 3, "retry_interval": 0,'
                     ' "ghost_retry": true, "ghost_times": 1, "ghost_interval": 0}',
-                    None, False, 0.0, False, [("lost-1", '"x"')])
+                    None, False, 0.0, False, [("lost-1", '"x"')]))
     assert kq.get("lost-1").state == "queued"
     assert client_for(rig.setup.sentinel_url).llen(kq.queue("record").name) == 0
     rig.worker()

@@ -18,7 +18,9 @@ from kickq_celery.testing import wait_for, worker
 from tests.conftest import ROOT
 
 LOCK_TIMEOUT = 1.0  # the workers' lock_timeout: a killed worker drops out within 3 s
-NAMES = ["asleep", "fail_first", "record", "sleep", "steady", "stoppable"]  # tests/workerapp.py's handlers
+# tests/workerapp.py's handlers
+NAMES = ["asleep", "fail_first", "record", "sleep", "steady", "stoppable", "limits_rate", "limits_keyed",
+         "limits_prio", "control_progress", "control_paused", "control_sleeper", "control_watch"]
 
 
 def workers(kq: Kickq, name: str) -> int:
@@ -57,7 +59,7 @@ def test_workers_are_counted_and_drop_out_on_a_warm_shutdown_and_after_a_kill(wo
     for name in NAMES:
         assert f"{name} (queue {ns}.{name}, " in line, line
     assert f"sleep (queue {ns}.sleep, max_jobs_num 3)" in line, line
-    assert f"record (queue {ns}.record, no max_jobs_num)" in line, line
+    assert f"record (queue {ns}.record, no limits)" in line, line
     assert "does not consume its queue" not in log
 
     w1.stop()  # warm shutdown: out at once, no waiting for the expiry
@@ -84,7 +86,7 @@ def test_a_worker_with_q_announces_and_lists_only_its_queues_and_warns_of_the_ot
 
     log = w.log.read_text()
     [line] = [line for line in log.splitlines() if f"kickq: namespace '{ns}'" in line]
-    assert "INFO" in line and f"record (queue {ns}.record, no max_jobs_num)" in line, line
+    assert "INFO" in line and f"record (queue {ns}.record, no limits)" in line, line
     assert "sleep" not in line, line
     warned = [line for line in log.splitlines() if "does not consume its queue" in line]
     assert sorted(re.search(r"job '(\w+)'", line).group(1) for line in warned) == sorted(  # type: ignore[union-attr]

@@ -141,3 +141,123 @@ async def asleep(job):
         raise ValueError("the async handler fails on purpose")
     r.rpush(PREFIX + "runs", job.id)
     return {"slept": job.data, "loop": loop}
+
+
+def _limits_run(job):  # type: ignore[no-untyped-def]
+    """The body of the ``limits_*`` handlers: sleep ``job.data["sleep"]`` seconds (0 by default),
+    then record the run (``<name>:<id>`` in ``limits:runs``)."""
+    data = job.data if isinstance(job.data, dict) else {}
+    time.sleep(float(data.get("sleep", 0)))
+    r.rpush(PREFIX + "limits:runs", f"{job.name}:{job.id}")
+    return data
+
+
+@kq.process("limits_rate", rate_limit=os.environ.get("KICKQ_TEST_RATE_LIMIT") or None)
+def limits_rate(job):
+    """rate_limit from KICKQ_TEST_RATE_LIMIT (say "10/s"; none when unset)."""
+    return _limits_run(job)
+
+
+@kq.process("limits_keyed", max_jobs_per_key=int(os.environ.get("KICKQ_TEST_PER_KEY", "0")) or None)
+def limits_keyed(job):
+    """max_jobs_per_key from KICKQ_TEST_PER_KEY (none when unset or 0)."""
+    return _limits_run(job)
+
+
+@kq.process("limits_prio", max_jobs_num=1)
+def limits_prio(job):
+    """One run at a time, cluster-wide: the others wait in Redis, in priority order."""
+    return _limits_run(job)
+
+
+# --- control_: progress, job.deleted and delete(terminate=True) (tests/test_job_runs.py) ---
+
+
+def _control_record(job, what):
+    """Add ``what`` to the list ``control:<id>`` (a test reads it as ``what`` strings)."""
+    r.rpush(f"{PREFIX}control:{job.id}", what)
+
+
+@kq.process("control_progress")
+def control_progress(job):
+    """Record progress 1..``count`` (default 5), ``pause`` s apart (default 0.3); each progress()
+    return value goes to ``control:<id>`` as ``"<value>:<returned>"``; a non-JSON value is tried
+    first (``invalid`` recorded when it raises InvalidJobData)."""
+    from kickq_celery import InvalidJobData
+
+    data = job.data or {}
+    try:
+        job.progress(object())
+    except InvalidJobData:
+        _control_record(job, "invalid")
+    for value in range(1, int(data.get("count", 5)) + 1):
+        _control_record(job, f"{value}:{job.progress(value)}")
+        time.sleep(float(data.get("pause", 0.3)))
+    return "done"
+
+
+@kq.process("control_paused")
+def control_paused(job):
+    """Record progress ``{"run": <run>}`` (``progress:<run>:<returned>``) and ``started:<run>:<pid>``;
+    wait (up to 60 s) for the key ``control:go:<id>:<run>``; then try progress
+    ``{"run": <run>, "after": true}`` and record ``after:<run>:<returned>``."""
+    _control_record(job, f"progress:{job.run}:{job.progress({'run': job.run})}")
+    _control_record(job, f"started:{job.run}:{os.getpid()}")
+    deadline = time.monotonic() + 60
+    while not r.exists(f"{PREFIX}control:go:{job.id}:{job.run}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _control_record(job, f"after:{job.run}:{job.progress({'run': job.run, 'after': True})}")
+    return job.run
+
+
+@kq.process("control_sleeper")
+def control_sleeper(job):
+    """Sleep ``job.data`` s (default 60) in 0.1 s steps: records ``started:<run>:<pid>``, then
+    ``stopped`` when SoftTimeLimitExceeded interrupts it, ``finally`` in any case, ``completed``
+    when it was not interrupted."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    _control_record(job, f"started:{job.run}:{os.getpid()}")
+    deadline = time.monotonic() + float(job.data or 60)
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+    except SoftTimeLimitExceeded:
+        _control_record(job, "stopped")
+        raise
+    finally:
+        _control_record(job, "finally")
+    _control_record(job, "completed")
+    return "slept"
+
+
+@kq.process("control_watch")
+def control_watch(job):
+    """Watch ``job.deleted`` for up to ``job.data["for"]`` s (default 30): records progress
+    ``"running"`` and ``started:<run>:<pid>``, then ``deleted`` when it turns True and the return
+    value of a progress() call then (``progress:<returned>``). With ``job.data["stop"]`` it returns
+    then; else it goes on until the key ``control:go:<id>`` exists and records ``completed``
+    (``stopped`` if SoftTimeLimitExceeded interrupts it)."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    data = job.data or {}
+    job.progress("running")
+    _control_record(job, f"started:{job.run}:{os.getpid()}")
+    deadline = time.monotonic() + float(data.get("for", 30))
+    seen = False
+    try:
+        while time.monotonic() < deadline:
+            if job.deleted and not seen:
+                seen = True
+                _control_record(job, "deleted")
+                _control_record(job, f"progress:{job.progress('after delete')}")
+                if data.get("stop"):
+                    return "saw deleted"
+            if seen and r.exists(f"{PREFIX}control:go:{job.id}"):
+                break
+            time.sleep(0.05)
+    except SoftTimeLimitExceeded:
+        _control_record(job, "stopped")
+        raise
+    _control_record(job, "completed")
+    return "watched"

@@ -62,24 +62,34 @@ local function sample(key, value)
   if redis.call('LPUSH', key, value) > 600 then redis.call('LTRIM', key, '0', '499') end
 end
 
--- Park job `id` in `delayed` until `due` (text) for a promoter to publish; a job due before
--- everything parked so far wakes one sleeping promoter (they sleep until the earliest due
--- time: see worker/bootstep.py).
-local function park(id, due)
+-- Wake one sleeping promoter for something due at `due` (text) before everything parked so far
+-- (they sleep until the earliest due time: see worker/bootstep.py).
+local function wake_for(due)
   local first = redis.call('ZRANGE', P .. 'delayed', 0, 0, 'WITHSCORES')[2]
-  redis.call('ZADD', P .. 'delayed', due, id)
   if not first or tonumber(due) < tonumber(first) then
     redis.call('LPUSH', P .. 'wake', due)
     redis.call('LTRIM', P .. 'wake', '0', '0')
   end
 end
 
+-- Park job `id` in `delayed` until `due` (text) for a promoter to publish.
+local function park(id, due)
+  wake_for(due)
+  redis.call('ZADD', P .. 'delayed', due, id)
+end
+
 -- Create jobs of one name with the same flags, from ARGV[first] on as id, data_json pairs, or
 -- with `queue` (the Celery queue's list on this same Redis, a broker) id, data_json, message
 -- triples: each new job's message is pushed with its record, so neither exists without the
 -- other. A job is parked when `parked` (delayed past the horizon, or a cron tick's job).
--- Returns the creation time (text).
-local function create_jobs(name, flags, ptimeout, tombstone, delay, parked, first, queue)
+-- `priority` ('0'-'9') and `ckey` (the concurrency key, '' = none) are kept on the record.
+-- An id that exists is not written again: its job is answered as {id, state, created_at, data,
+-- name} (asked for with tombstone, it is tombstoned from now on unless it ended already).
+-- `forget` (a caller's own ids on a result backend in this Redis: its key prefix) drops the
+-- outcome an earlier job of a reused id left, so the new job's waiters do not get it.
+-- Returns {creation time (text), existing jobs}.
+local function create_jobs(name, flags, ptimeout, tombstone, delay, parked, priority, ckey, first, queue,
+    forget)
   local t, ts = now()
   local due = delay > 0 and fmt(t + delay) or ts
   local state = 'queued'
@@ -87,31 +97,82 @@ local function create_jobs(name, flags, ptimeout, tombstone, delay, parked, firs
   local extra = {}
   if ptimeout ~= '' then extra = {'ptimeout', ptimeout} end
   if tombstone == '1' then table.insert(extra, 'tombstone'); table.insert(extra, '1') end
+  if priority ~= '0' then table.insert(extra, 'priority'); table.insert(extra, priority) end
+  if ckey ~= '' then table.insert(extra, 'ckey'); table.insert(extra, ckey) end
   local n = 0
+  local existing = {}
   local stride = queue and 3 or 2
   for i = first, #ARGV, stride do
     local id = ARGV[i]
-    -- an id that exists is this call again (redis-py re-sends a command whose reply a dropped
-    -- connection lost): writing it twice would reset a job a worker may have started
-    if redis.call('EXISTS', P .. 'job:' .. id) == 0 then
+    local key = P .. 'job:' .. id
+    -- an id that exists is a caller's job_id used again, or this call again (redis-py re-sends
+    -- a command whose reply a dropped connection lost): writing it twice would reset a job a
+    -- worker may have started
+    local old = redis.call('HMGET', key, 'state', 'created_at', 'data', 'name')
+    if not old[1] then
+      if forget and forget ~= '' then redis.call('DEL', forget .. id) end
       -- only what is known now: readers take a missing field as empty, zero or false
-      redis.call('HSET', P .. 'job:' .. id, 'id', id, 'name', name, 'state', state,
+      redis.call('HSET', key, 'id', id, 'name', name, 'state', state,
         'data', ARGV[i + 1], 'flags', flags, 'created_at', ts, 'scheduled_for', due,
         'attempt', '1', 'runs', '[]', unpack(extra))
       redis.call('ZADD', P .. 'idx:' .. state, due, id)
       if parked then park(id, due) end
       if queue then redis.call('LPUSH', queue, ARGV[i + 2]) end
       n = n + 1
+    else
+      if tombstone == '1' and old[1] ~= 'success' and old[1] ~= 'fail' then
+        redis.call('HSET', key, 'tombstone', '1')
+      end
+      existing[#existing + 1] = {id, old[1], old[2], old[3], old[4]}
     end
   end
   redis.call('HINCRBY', P .. 'stats:' .. name, state, n)
   redis.call('HINCRBY', P .. 'stats:' .. name, 'created', n)
   redis.call('SADD', P .. 'names', name)
-  return ts
+  return {ts, existing}
 end
 
--- A slot of `name` was freed: park the oldest job waiting for one as due now,
--- so that this worker (or any promoter, should it die) publishes it.
+-- The limits of job `name` (see limit.lua: "max|rate_n|rate_window|per_key", any part empty),
+-- or nil: max_jobs_num, rate_limit as n starts per window seconds, max_jobs_per_key.
+local function limits_of(name)
+  local v = redis.call('HGET', P .. 'limits', name)
+  if not v then return nil end
+  local max, rate_n, rate_w, per_key = string.match(v, '^([^|]*)|?([^|]*)|?([^|]*)|?([^|]*)$')
+  return {max = tonumber(max), rate_n = tonumber(rate_n), rate_w = tonumber(rate_w),
+    per_key = tonumber(per_key)}
+end
+
+-- The keys of one concurrency key of a name: its runs, and its jobs waiting for one to end
+-- (the length prefix keeps name "a:b" key "c" apart from name "a" key "b:c").
+local function keyed(name, ckey)
+  local k = #name .. ':' .. name .. ':' .. ckey
+  return P .. 'keyrun:' .. k, P .. 'keywait:' .. k
+end
+
+-- The order of waiting jobs: higher priority first, then the earlier `since` (a time).
+local function wait_score(priority, since)
+  return fmt((9 - tonumber(priority or '0')) * 1e10 + tonumber(since))
+end
+
+-- How many more runs of a rate-limited name may start now (its window's old starts dropped).
+local function rate_room(name, limits, t)
+  local starts = P .. 'starts:' .. name
+  redis.call('ZREMRANGEBYSCORE', starts, '-inf', fmt(t - limits.rate_w))
+  return limits.rate_n - redis.call('ZCARD', starts)
+end
+
+-- Jobs of a rate-limited name wait for its window: a promoter wakes them when it next opens
+-- (when the oldest start in it leaves; with none, a window from now: the jobs just released
+-- start no sooner). Opening early only turns a job away again, which arms this again.
+local function arm_rate(name, limits, t)
+  local oldest = redis.call('ZRANGE', P .. 'starts:' .. name, 0, 0, 'WITHSCORES')[2]
+  local opens = fmt((oldest and tonumber(oldest) or t) + limits.rate_w)
+  redis.call('ZADD', P .. 'ratewake', 'LT', opens, name)
+  wake_for(opens)
+end
+
+-- A slot of `name` was freed: park the first job waiting for one (highest priority, then
+-- earliest due) as due now, so that this worker (or any promoter, should it die) publishes it.
 local function release(name, t)
   local key = P .. 'waiting:' .. name
   local id = redis.call('ZRANGE', key, 0, 0)[1]
@@ -121,6 +182,27 @@ local function release(name, t)
     return id
   end
   return false
+end
+
+-- A run of concurrency key `ckey` of `name` ended: the same for the first job waiting for that key.
+local function release_key(name, ckey, t)
+  local _, wait = keyed(name, ckey)
+  local id = redis.call('ZRANGE', wait, 0, 0)[1]
+  if id then
+    redis.call('ZREM', wait, id)
+    redis.call('ZADD', P .. 'delayed', t, id)
+  end
+  if redis.call('EXISTS', wait) == 0 then redis.call('SREM', P .. 'keyed:' .. name, ckey) end
+  return id or false
+end
+
+-- Drop up to `limit` entries of purged records from a finished state's index (their scores
+-- are the records' expiry times): a bounded step, so no call holds Redis long.
+local function trim_index(state, ts, limit)
+  local key = P .. 'idx:' .. state
+  local stale = redis.call('ZRANGEBYSCORE', key, '-inf', ts, 'LIMIT', 0, limit)
+  if #stale > 0 then redis.call('ZREM', key, unpack(stale)) end
+  return #stale
 end
 
 -- Count one completion in per-minute buckets (field: minute number, for the last hour)
@@ -148,11 +230,11 @@ end
 -- what follows: a retry or ghost re-run (parked in `delayed`), or the final state.
 -- `t, ts` are now() (number and text); `token`, when given, must be the running run's
 -- (else nil: the run ended already, was reaped, or the job is gone).
--- Returns {verdict, released_id, due_in, tombstone, attempt, last_error}.
+-- Returns {verdict, released_id, due_in, tombstone, attempt, last_error[, terminated]}.
 local function end_run(id, outcome, payload, t, ts, purge, token, tb)
   local key = P .. 'job:' .. id
   local f = redis.call('HMGET', key, 'name', 'state', 'runs', 'started_at', 'deleted',
-    'total_process_time', 'attempt', 'tombstone', 'token')
+    'total_process_time', 'attempt', 'tombstone', 'token', 'ckey', 'terminate')
   if token and (f[9] ~= token or f[2] ~= 'processing') then return nil end
   local name = f[1]
   local duration = math.max(0, t - tonumber(f[4]))
@@ -167,11 +249,15 @@ local function end_run(id, outcome, payload, t, ts, purge, token, tb)
   redis.call('ZREM', P .. 'active', id)
   local released = false
   if redis.call('SREM', P .. 'running:' .. name, id) == 1 then released = release(name, ts) end
+  if f[10] and redis.call('SREM', (keyed(name, f[10])), id) == 1 then
+    released = release_key(name, f[10], ts) or released
+  end
   if f[5] == '1' then
-    -- deleted while running: the record goes now that the run is over
+    -- deleted while running: the record goes now that the run is over (the last item says
+    -- whether the delete asked to stop the run: its outcome is then discarded)
     move(id, name, 'processing', false)
     redis.call('DEL', key)
-    return {'deleted', released, '0', f[8], f[7], ''}
+    return {'deleted', released, '0', f[8], f[7], '', f[11] == '1' and '1' or '0'}
   end
   sample(P .. 'ptimes:' .. name, took)
   local stats = P .. 'stats:' .. name
@@ -237,7 +323,7 @@ local function end_run(id, outcome, payload, t, ts, purge, token, tb)
     expiry = fmt(t + purge)
   end
   move(id, name, 'processing', verdict, expiry)
-  -- drop index entries of purged records (once a second is enough)
-  if housekeeping then redis.call('ZREMRANGEBYSCORE', P .. 'idx:' .. verdict, '-inf', ts) end
+  -- drop index entries of purged records (once a second; the reaper does the rest)
+  if housekeeping then trim_index(verdict, ts, 100) end
   return reply
 end

@@ -1,9 +1,12 @@
--- Turn runs whose heartbeat lock expired (dead worker, or process_timeout) into ghost runs.
+-- Turn runs whose heartbeat lock expired (dead worker, or process_timeout) into ghost runs,
+-- and drop index entries of purged records (a bounded step at each pass of every reaper).
 -- KEYS[1]: the namespace prefix. ARGV: call id, purge_seconds, limit
 -- Returns a list of {id, end_run reply...}.
 local again = replayed()
 if again then return again end
 local t, ts = now()
+trim_index('success', ts, 200)
+trim_index('fail', ts, 200)
 local out = {}
 local ids = redis.call('ZRANGEBYSCORE', P .. 'active', '-inf', ts, 'LIMIT', 0, tonumber(ARGV[3]))
 for _, id in ipairs(ids) do

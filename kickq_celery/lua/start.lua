@@ -1,11 +1,15 @@
--- The run guard: start a run of job `id` if its message is current and a slot is free.
+-- The run guard: start a run of job `id` if its message is current and its name's limits allow:
+-- a max_jobs_num slot, a run of its concurrency key (max_jobs_per_key) and a start in the
+-- rate_limit window. A job held by a limit waits in Redis (waiting:<name> for a slot or the
+-- window, keywait:... for its key) in priority order, for the end of a run or the window's
+-- opening to release it (see release() in lib.lua and promote.lua).
 -- KEYS[1]: the namespace prefix. ARGV: id, attempt (from the message), token, lock_timeout
 -- Returns {'run', data, runs, created_at, started_at} | {'gone'} | {'skip', state} | {'wait'}
 --   | {'early', seconds_until_due}
 local id = ARGV[1]
 local key = P .. 'job:' .. id
 local f = redis.call('HMGET', key, 'name', 'state', 'attempt', 'deleted', 'ptimeout',
-  'created_at', 'started_at', 'scheduled_for', 'token', 'data', 'runs')
+  'created_at', 'started_at', 'scheduled_for', 'token', 'data', 'runs', 'priority', 'ckey')
 if not f[1] then return {'gone'} end
 -- our own call again (redis-py re-sends a command whose reply a dropped connection lost):
 -- the run that call started is ours
@@ -24,10 +28,32 @@ if due and due > t then
   if due - t > 1 then redis.call('ZADD', P .. 'delayed', f[8], id) end
   return {'early', tostring(due - t)}
 end
-local limit = redis.call('HGET', P .. 'limits', name)
-if limit and redis.call('SCARD', P .. 'running:' .. name) >= tonumber(limit) then
-  redis.call('ZADD', P .. 'waiting:' .. name, 'NX', ts, id)
-  return {'wait'}
+local limits = limits_of(name)
+local krun, kwait
+if limits then
+  -- (in the order messages came: that is due order, as each goes out when its job is due)
+  local score = wait_score(f[12], ts)
+  if limits.max and redis.call('SCARD', P .. 'running:' .. name) >= limits.max then
+    redis.call('ZADD', P .. 'waiting:' .. name, 'NX', score, id)
+    return {'wait'}
+  end
+  if limits.per_key and f[13] then
+    krun, kwait = keyed(name, f[13])
+    if redis.call('SCARD', krun) >= limits.per_key then
+      -- a run of this key is under way: its end releases the next of the key
+      redis.call('ZADD', kwait, 'NX', score, id)
+      redis.call('SADD', P .. 'keyed:' .. name, f[13])
+      return {'wait'}
+    end
+  end
+  if limits.rate_n then
+    if rate_room(name, limits, t) <= 0 then
+      redis.call('ZADD', P .. 'waiting:' .. name, 'NX', score, id)
+      arm_rate(name, limits, t)
+      return {'wait'}
+    end
+    redis.call('ZADD', P .. 'starts:' .. name, ts, ARGV[3])
+  end
 end
 local deadline = t + tonumber(ARGV[4])
 local fields = {'state', 'processing', 'token', ARGV[3], 'started_at', ts, 'updated_at', ts}
@@ -40,8 +66,12 @@ if not f[7] then sample(P .. 'wtimes:' .. name, fmt(t - tonumber(f[6]))) end
 redis.call('HSET', key, unpack(fields))
 redis.call('ZADD', P .. 'active', fmt(deadline), id)
 -- slots are counted only for limited names (a limit set later counts runs from then on)
-if limit then redis.call('SADD', P .. 'running:' .. name, id) end
+if limits and limits.max then redis.call('SADD', P .. 'running:' .. name, id) end
 -- (a lease left in `delayed` by a promoter is dropped by it, or by the next promote pass)
-if limit then redis.call('ZREM', P .. 'waiting:' .. name, id) end
+if limits then redis.call('ZREM', P .. 'waiting:' .. name, id) end
+if krun then
+  redis.call('SADD', krun, id)
+  redis.call('ZREM', kwait, id)
+end
 move(id, name, f[2], 'processing', ts)
 return {'run', f[10], f[11], f[6], ts}

@@ -13,6 +13,7 @@ from typing import Any
 
 from celery import bootsteps
 
+from ..options import Limits
 from ..registry import instances
 
 # loops imports cron, and so croniter, here in the main thread, never lazily in the loop
@@ -51,14 +52,14 @@ class KickqStep(bootsteps.StartStopStep):  # type: ignore[misc]
             seen.setdefault(kq.scope, kq)
         return list(seen.values())
 
-    def _handlers(self) -> dict[Any, dict[str, int | None]]:
-        """Per scope: the job names the app has handlers for (name -> max_jobs_num)."""
-        found: dict[Any, dict[str, int | None]] = {}
+    def _handlers(self) -> dict[Any, dict[str, Limits]]:
+        """Per scope: the job names the app has handlers for (name -> its limits)."""
+        found: dict[Any, dict[str, Limits]] = {}
         for kq in instances(self.app):
             found.setdefault(kq.scope, {}).update(kq.processed)
         return found
 
-    def _handled(self, kq: Any, handlers: Mapping[str, int | None]) -> list[str]:
+    def _handled(self, kq: Any, handlers: Mapping[str, Limits]) -> list[str]:
         """The names of ``handlers`` whose queue this worker consumes (``-Q`` may leave some out)."""
         consumed = self.app.amqp.queues.consume_from
         return sorted(name for name in handlers if kq.queue(name).name in consumed)
@@ -71,10 +72,7 @@ class KickqStep(bootsteps.StartStopStep):  # type: ignore[misc]
             names = handlers.get(kq.scope, {})
             handled = self._handled(kq, names)
             namespace = kq.options["redis_namespace"]
-            listed = ", ".join(
-                f"{name} (queue {kq.queue(name).name}, "
-                + ("no max_jobs_num" if names[name] is None else f"max_jobs_num {names[name]}") + ")"
-                for name in handled)
+            listed = ", ".join(f"{name} (queue {kq.queue(name).name}, {names[name]})" for name in handled)
             logger.info("kickq: namespace %r: this worker handles %s", namespace, listed or "no job names")
             for name in sorted(set(names) - set(handled)):
                 logger.warning("kickq: this worker has a handler for job %r in namespace %r but does not "
@@ -124,8 +122,8 @@ class KickqStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 sweep = time.monotonic() - self._swept.get(kq.scope, 0.0) >= redelivery_grace(kq) / 2
                 try:
                     if kq.scope not in limits_set:  # here, not in start(): Redis may be away then
-                        for name, limit in kq.processed.items():
-                            kq.store.set_limit(name, limit)
+                        for name, limits in kq.processed.items():
+                            kq.store.set_limits(name, limits)
                         limits_set.add(kq.scope)
                     self._announce(kq)
                     next_due = tick(kq, sweep)

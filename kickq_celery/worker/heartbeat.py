@@ -1,18 +1,41 @@
 """The heartbeat: renews the locks of the runs this process holds, so a dead worker's
-runs are found (their locks lapse) and live ones are not."""
+runs are found (their locks lapse) and live ones are not; and tells a run that its job
+was deleted (``job.deleted``), stopping it when the delete asked to terminate it."""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ..records import Job
     from ..store import JobStore
 
 logger = logging.getLogger("kickq_celery")
+
+
+def in_prefork_child() -> bool:
+    """Whether this is a prefork pool process: its main thread runs the handler, and SIGUSR1
+    raises SoftTimeLimitExceeded in it (billiard's soft time limit)."""
+    handler = signal.getsignal(signal.SIGUSR1)
+    return getattr(handler, "__module__", "") == "billiard.pool"
+
+
+@dataclass
+class Held:
+    """A run this process holds."""
+
+    store: JobStore
+    lock_timeout: float
+    token: str
+    job: Job | None = None
+    in_handler: bool = False  # the handler is running (the only time a stop may interrupt it)
+    stopped: bool = False  # the run was stopped: its job was deleted with terminate
 
 
 class Heartbeat:
@@ -24,13 +47,14 @@ class Heartbeat:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._runs: dict[str, tuple[JobStore, float, str]] = {}
+        self._runs: dict[str, Held] = {}
         self._pid = 0
         self._wake = threading.Event()
 
-    def hold(self, store: JobStore, lock_timeout: float, job_id: str, token: str) -> None:
+    def hold(self, store: JobStore, lock_timeout: float, job_id: str, token: str,
+             job: Job | None = None) -> None:
         with self._lock:
-            self._runs[job_id] = (store, lock_timeout, token)
+            self._runs[job_id] = Held(store, lock_timeout, token, job)
             if self._pid != os.getpid():
                 self._pid = os.getpid()
                 self._wake = threading.Event()
@@ -40,21 +64,54 @@ class Heartbeat:
         with self._lock:
             self._runs.pop(job_id, None)
 
+    def enter_handler(self, job_id: str) -> None:
+        with self._lock:
+            self._runs[job_id].in_handler = True
+
+    def leave_handler(self, job_id: str) -> bool:
+        """The handler returned (or raised); whether the run was stopped (terminate)."""
+        with self._lock:
+            held = self._runs[job_id]
+            held.in_handler = False
+            return held.stopped
+
+    def stopped(self, job_id: str) -> bool:
+        with self._lock:
+            held = self._runs.get(job_id)
+            return bool(held and held.stopped)
+
+    def _deleted(self, job_id: str, terminate: bool) -> None:
+        """The job of a held run was deleted: tell the handler, and stop it if asked and it can be."""
+        with self._lock:
+            held = self._runs.get(job_id)
+            if held is None:
+                return
+            if held.job is not None:
+                held.job.deleted = True
+            if terminate and held.in_handler and not held.stopped and in_prefork_child() \
+                    and threading.main_thread().is_alive():
+                held.stopped = True
+                logger.warning("kickq: job %s was deleted with terminate: stopping its run", job_id)
+                # (under the lock: the handler cannot be left meanwhile, see leave_handler)
+                os.kill(os.getpid(), signal.SIGUSR1)
+
     def _loop(self) -> None:
         while True:
             with self._lock:
                 runs = dict(self._runs)
-            interval = min((timeout for _, timeout, _ in runs.values()), default=3.0) / 3
+            interval = min((held.lock_timeout for held in runs.values()), default=3.0) / 3
             groups: dict[tuple[int, float], list[tuple[str, str]]] = {}
             stores: dict[int, JobStore] = {}
-            for job_id, (store, timeout, token) in runs.items():
-                groups.setdefault((id(store), timeout), []).append((job_id, token))
-                stores[id(store)] = store
-            for (store_id, timeout), held in groups.items():
+            for job_id, held in runs.items():
+                groups.setdefault((id(held.store), held.lock_timeout), []).append((job_id, held.token))
+                stores[id(held.store)] = held.store
+            for (store_id, timeout), pairs in groups.items():
                 try:
-                    lost = stores[store_id].heartbeat(timeout, held)
-                    if lost:
-                        logger.debug("kickq: no longer holding %s (finished, reaped or deleted)", lost)
+                    for job_id, status in stores[store_id].heartbeat(timeout, pairs):
+                        if status == "lost":
+                            logger.debug("kickq: no longer holding %s (finished, reaped)", job_id)
+                        else:
+                            self._deleted(job_id, status == "terminate")
                 except Exception:  # keep beating; the reaper decides if we are too late
                     logger.exception("kickq: heartbeat failed")
             self._wake.wait(max(interval, 0.05))

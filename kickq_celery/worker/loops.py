@@ -17,7 +17,7 @@ from ..connection import redis_errors
 from ..cron import MISSED_TICK_GRACE, definitions, latest_tick
 from ..exceptions import JobFailed, RedisUnavailable
 from ..plan import Message, plan_create, shown
-from ..scripts import Claimed, Ended
+from ..scripts import REAP_LIMIT, Claimed, Ended
 from ..tombstones import settle
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ def reap(kq: Kickq) -> int:
             logger.warning("kickq: run of job %s lost its heartbeat -> %s", ended.job_id, ended.verdict)
             after_run(kq, ended)
         total += len(reaped)
-        if len(reaped) < 100:
+        if len(reaped) < REAP_LIMIT:
             return total
 
 

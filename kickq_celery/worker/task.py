@@ -63,6 +63,7 @@ class Outcome:
     result: Any = None
     error: BaseException | None = None
     traceback: str = ""
+    stopped: bool = False  # stopped by a delete with terminate (its outcome is discarded)
 
 logger = logging.getLogger("kickq_celery")
 
@@ -133,10 +134,11 @@ class KickqTask(Task):  # type: ignore[misc]
             logger.debug("kickq: %s %s not run (%s)", self.job_name, job_id, started.status)
             raise Ignore()  # a duplicate, a deleted or finished job, one waiting: no success
         job = Job(job_id, self.job_name, "processing", None, started.data,
-                  len(started.runs) + 1, started.runs, from_timestamp(started.created_at))
-        heartbeat.hold(store, options["lock_timeout"], job_id, token)
+                  len(started.runs) + 1, started.runs, from_timestamp(started.created_at),
+                  recorder=lambda value_json: store.progress(job_id, token, value_json))
+        heartbeat.hold(store, options["lock_timeout"], job_id, token, job)
         try:
-            ran = self._call_handler(job)
+            ran = self._run_handler(job)
             purge = options["purge_timeout"] if options["purge_jobs"] else 0
             ended = self._finish(store, job_id, token, ran, purge, options["lock_timeout"])
         finally:
@@ -149,6 +151,9 @@ class KickqTask(Task):  # type: ignore[misc]
         if ended.verdict == "stale":
             logger.warning("kickq: %s %s run %d ended after it was reaped: its outcome is dropped",
                            job.name, job.id, job.run)
+            raise Ignore()
+        if ended.verdict == "deleted" and (ran.stopped or ended.terminated):
+            logger.info("kickq: %s %s run %d was stopped: the job was deleted", job.name, job.id, job.run)
             raise Ignore()
         if ran.error is None:
             return ran.result
@@ -172,6 +177,22 @@ class KickqTask(Task):  # type: ignore[misc]
                     raise
                 logger.warning("kickq: finishing %s failed, trying again", job_id)
                 time.sleep(0.2)
+
+    def _run_handler(self, job: Job) -> Outcome:
+        """Call the handler while the heartbeat may stop it (a delete with terminate: on prefork,
+        SoftTimeLimitExceeded raised in the handler, or just after it, which the stop then is)."""
+        try:
+            heartbeat.enter_handler(job.id)
+            try:
+                ran = self._call_handler(job)
+            finally:
+                stopped = heartbeat.leave_handler(job.id)
+        except SoftTimeLimitExceeded as exc:  # it landed just after the handler
+            stopped = heartbeat.stopped(job.id)
+            ran = Outcome("ghost", "process_timeout passed: the run was stopped", None, exc)
+        if stopped:
+            return Outcome("fail", "the job was deleted: its run was stopped", stopped=True)
+        return ran
 
     def _call_handler(self, job: Job) -> Outcome:
         try:

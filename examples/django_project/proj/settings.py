@@ -1,8 +1,11 @@
-"""Settings of the example project: no database, one app, Celery + kickq settings."""
+"""Settings of the example project: one app, SQLite, Celery + kickq settings."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+BASE_DIR = Path(__file__).resolve().parent.parent
 
 SECRET_KEY = "example-only-not-secret"
 DEBUG = True
@@ -11,7 +14,15 @@ ALLOWED_HOSTS = ["localhost", "127.0.0.1", "testserver"]
 INSTALLED_APPS = ["jobs"]
 MIDDLEWARE = ["django.middleware.common.CommonMiddleware"]
 ROOT_URLCONF = "proj.urls"
-DATABASES: dict[str, dict[str, str]] = {}  # the example needs none: kickq keeps its records in Redis
+# the signups; kickq keeps its job records in Redis. Jobs created with on_commit=True are written
+# when the transaction that asked for them commits (`manage.py test` uses an in-memory database)
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": os.environ.get("KICKQ_EXAMPLE_DB", str(BASE_DIR / "db.sqlite3")),
+    },
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 USE_TZ = True
 
 REDIS_URL = os.environ.get("KICKQ_REDIS_URL", "redis://127.0.0.1:6379/0")
