@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 REDIS_URL ?= redis://127.0.0.1:6379/0
 
-.PHONY: venv demo test lint redis bench clean
+.PHONY: venv demo test test-scale lint redis bench bench-scale clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,14 @@ lint: venv
 
 bench: venv redis
 	$(PY) -m benchmarks
+
+# cost growth at 10k / 100k / 1M jobs (memory per job, create_many, a listing page, stats)
+bench-scale: venv
+	$(PY) -m benchmarks.scale
+
+# the tests at 100,000 jobs (SLOWLOG of every script call), not part of `make test`
+test-scale: venv redis
+	$(PY) -m pytest -m scale
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
