@@ -241,8 +241,11 @@ class Kickq:
         planned = self._plan(name, items, given, flags, job_ids)
         if not planned.jobs:
             return []
-        reply = self._write(planned)
-        jobs = planned.created(reply, self._promise)
+        return self._write_planned(planned)
+
+    def _write_planned(self, planned: CreatePlan) -> list[Job]:
+        """Write a planned create; the jobs to hand back (a job_id's ended job settles its promise)."""
+        jobs = planned.created(self._write(planned), self._promise)
         self._settle_ended(planned, jobs)
         self._warn_if_unhandled(planned.name)
         return jobs
@@ -261,12 +264,7 @@ class Kickq:
         job = Job(job_id, planned.name, "delayed" if planned.delay > 0 else "queued", promise,
                   data=json.loads(data_json), created_at=None, created=True)
 
-        def write() -> None:
-            jobs = planned.created(self._write(planned), self._promise)
-            self._settle_ended(planned, jobs)
-            self._warn_if_unhandled(planned.name)
-
-        transaction.on_commit(write)
+        transaction.on_commit(lambda: self._write_planned(planned))
         return job
 
     def _settle_ended(self, planned: CreatePlan, jobs: Sequence[Job]) -> None:

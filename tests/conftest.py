@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import redis
 
+from kickq_celery import JobNotFound
 from kickq_celery.testing import stop_process_group, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,6 +96,15 @@ def r(kickq_redis_url: str) -> Iterator[redis.Redis]:
 def listed(r: redis.Redis, ns: str, name: str) -> list[str]:
     """A list the workerapp handlers fill (runs, started, concurrency)."""
     return r.lrange(f"test:{ns}:{name}", 0, -1)  # type: ignore[return-value]
+
+
+def gone(kq: Any, job_id: str) -> bool:
+    """Whether job ``job_id``'s record is gone (deleted, purged, never created)."""
+    try:
+        kq.get(job_id)
+    except JobNotFound:
+        return True
+    return False
 
 
 def free_port() -> int:

@@ -9,21 +9,14 @@ from typing import Any
 
 import pytest
 
-from kickq_celery import JobDeleted, JobFailed, JobNotFound, Kickq
+from kickq_celery import JobDeleted, JobFailed, Kickq
 from kickq_celery.testing import purge_namespace, wait_for
+from tests.conftest import gone
 
 
 def runs(kq: Kickq, ns: str) -> list[str]:
     """Job ids the worker subprocess's "record" handler ran, in order."""
     return [x.decode() for x in kq.redis.lrange(f"test:{ns}:runs", 0, -1)]
-
-
-def gone(kq: Kickq, job_id: str) -> bool:
-    try:
-        kq.get(job_id)
-    except JobNotFound:
-        return True
-    return False
 
 
 def test_delete_return_values(kickq, kickq_app, kickq_redis_url):

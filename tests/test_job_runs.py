@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from kickq_celery import JobDeleted, JobNotFound, Kickq
+from kickq_celery import JobDeleted, Kickq
 from kickq_celery.testing import wait_for
-from tests.conftest import ROOT
+from tests.conftest import ROOT, gone
 
 #: the workerapp's default lock_timeout (KICKQ_TEST_LOCK_TIMEOUT): the heartbeat beats every third of it
 LOCK_TIMEOUT = 3.0
@@ -39,14 +39,6 @@ def started(kq: Kickq, ns: str, job_id: str) -> list[tuple[int, int]]:
 def go(kq: Kickq, ns: str, job_id: str, run: int | None = None) -> None:
     """Let a waiting control_paused (``run``) or control_watch handler go on."""
     kq.redis.set(f"test:{ns}:control:go:{job_id}" + ("" if run is None else f":{run}"), 1)
-
-
-def gone(kq: Kickq, job_id: str) -> bool:
-    try:
-        kq.get(job_id)
-    except JobNotFound:
-        return True
-    return False
 
 
 def log_of(worker) -> str:
@@ -210,11 +202,8 @@ def _terminate_on_threads(kickq, ns, worker_process):
     return worker, job
 
 
-def test_terminate_on_threads_sets_job_deleted(kickq, kickq_namespace, worker_process):
-    _terminate_on_threads(kickq, kickq_namespace, worker_process)
-
-
-def test_terminate_on_threads_ends_the_celery_task_as_ignored(kickq, kickq_namespace, worker_process):
+def test_terminate_on_threads_sets_job_deleted_and_ends_the_celery_task_as_ignored(
+        kickq, kickq_namespace, worker_process):
     worker, job = _terminate_on_threads(kickq, kickq_namespace, worker_process)
     assert celery_outcome(kickq, worker, "control_watch", job.id) == "ignored"
 

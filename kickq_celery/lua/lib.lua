@@ -171,29 +171,27 @@ local function arm_rate(name, limits, t)
   wake_for(opens)
 end
 
--- A slot of `name` was freed: park the first job waiting for one (highest priority, then
--- earliest due) as due now, so that this worker (or any promoter, should it die) publishes it.
-local function release(name, t)
-  local key = P .. 'waiting:' .. name
+-- Park the first job of waiting set `key` (highest priority, then the earliest to come) as due
+-- now, so that this worker (or any promoter, should it die) publishes it; returns its id.
+local function wake_first(key, t)
   local id = redis.call('ZRANGE', key, 0, 0)[1]
-  if id then
-    redis.call('ZREM', key, id)
-    redis.call('ZADD', P .. 'delayed', t, id)
-    return id
-  end
-  return false
+  if not id then return false end
+  redis.call('ZREM', key, id)
+  redis.call('ZADD', P .. 'delayed', t, id)
+  return id
 end
 
--- A run of concurrency key `ckey` of `name` ended: the same for the first job waiting for that key.
+-- A slot of `name` was freed (or its rate window opened): wake the first job waiting for it.
+local function release(name, t)
+  return wake_first(P .. 'waiting:' .. name, t)
+end
+
+-- A run of concurrency key `ckey` of `name` ended: wake the first job waiting for that key.
 local function release_key(name, ckey, t)
   local _, wait = keyed(name, ckey)
-  local id = redis.call('ZRANGE', wait, 0, 0)[1]
-  if id then
-    redis.call('ZREM', wait, id)
-    redis.call('ZADD', P .. 'delayed', t, id)
-  end
+  local id = wake_first(wait, t)
   if redis.call('EXISTS', wait) == 0 then redis.call('SREM', P .. 'keyed:' .. name, ckey) end
-  return id or false
+  return id
 end
 
 -- Drop up to `limit` entries of purged records from a finished state's index (their scores
