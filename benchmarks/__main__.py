@@ -24,6 +24,7 @@ import redis
 
 from benchmarks.asyncio_bench import bench_acreate, bench_await
 from benchmarks.replicas import bench_wait_replicas
+from benchmarks.scale import measure as measure_scale
 from kickq_celery.testing import stop_process_group
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,15 +95,27 @@ def rate(n: int, fn: Callable[[], Any]) -> float:
     return n / (time.perf_counter() - start)
 
 
-def bench_create(n: int) -> dict[str, float]:
+def alternating(n: int, sides: dict[str, Callable[[], Any]], client: redis.Redis, namespace: str,
+                repeats: int = 5) -> dict[str, Any]:
+    """The median rate of each side over `repeats` runs, the sides in turn (the queues emptied
+    between runs, so each starts from the same Redis)."""
+    samples: dict[str, list[float]] = {side: [] for side in sides}
+    names = list(sides)
+    for repeat in range(repeats):
+        for side in names[repeat % len(names):] + names[:repeat % len(names)]:
+            samples[side].append(rate(n, sides[side]))
+            _purge(client, namespace)
+    return {**{side: statistics.median(values) for side, values in samples.items()}, "samples": samples}
+
+
+def bench_create(n: int, client: redis.Redis, namespace: str) -> dict[str, Any]:
     from benchmarks.benchapp import kq, raw_noop
 
-    raw = rate(n, lambda: [raw_noop.apply_async((i,)) for i in range(n)])
-    kick = rate(n, lambda: [kq.create("noop", i) for i in range(n)])
-    return {"raw": raw, "kickq": kick}
+    return alternating(n, {"raw": lambda: [raw_noop.apply_async((i,)) for i in range(n)],
+                           "kickq": lambda: [kq.create("noop", i) for i in range(n)]}, client, namespace)
 
 
-def bench_create_many(n: int) -> dict[str, float]:
+def bench_create_many(n: int, client: redis.Redis, namespace: str) -> dict[str, Any]:
     from benchmarks.benchapp import app, kq, raw_noop
 
     def raw_batch() -> None:
@@ -110,9 +123,8 @@ def bench_create_many(n: int) -> dict[str, float]:
             for i in range(n):
                 raw_noop.apply_async((i,), producer=producer)
 
-    raw = rate(n, raw_batch)
-    kick = rate(n, lambda: kq.create_many("noop", range(n)))
-    return {"raw": raw, "kickq": kick}
+    return alternating(n, {"raw": raw_batch, "kickq": lambda: kq.create_many("noop", range(n))},
+                       client, namespace)
 
 
 def bench_processing(n: int, env: dict[str, str], client: redis.Redis,
@@ -180,6 +192,36 @@ def bench_limits(n: int, env: dict[str, str], client: redis.Redis, repeats: int 
             samples[side].append((n - done_before) / (end - start))
     return {"raw": statistics.median(samples["none"]), "kickq": statistics.median(samples["all"]),
             "samples": samples}
+
+
+def bench_chunks(n: int, env: dict[str, str], client: redis.Redis, repeats: int = 5) -> dict[str, Any]:
+    """Drain rate of n queued no-op jobs: raw Celery with ignore_result=True ("raw"), kickq with
+    chunk_size jobs per message from create_many ("kickq"), and the same jobs parked first (a
+    delay of 1 s) and published by the promoter as they come due ("promoted"); the median of
+    `repeats` runs per side, in turn."""
+    from benchmarks.benchapp import CHUNK_SIZE, COUNTER, RAW_QUEUE, app, kq, raw_fire
+
+    sides = ("raw", "kickq", "promoted")
+    samples: dict[str, list[float]] = {side: [] for side in sides}
+    for repeat in range(repeats):
+        for side in sides[repeat % 3:] + sides[:repeat % 3]:
+            client.delete(COUNTER)
+            if side == "raw":
+                with app.producer_or_acquire() as producer, producer.batch():
+                    for i in range(n):
+                        raw_fire.apply_async((i,), producer=producer)
+                queues = RAW_QUEUE
+            else:
+                for i in range(0, n, 1000):
+                    kq.create_many("chunked_noop", range(i, min(n, i + 1000)),
+                                   delay=1.0 if side == "promoted" else None)
+                queues = kq.task_name("chunked_noop")
+            with celery_worker(env, concurrency=2, queues=queues):
+                start, done_before = time.monotonic(), int(client.get(COUNTER) or 0)
+                end = wait_counter(client, COUNTER, n, timeout=600)
+            samples[side].append((n - done_before) / (end - start))
+    return {**{side: statistics.median(values) for side, values in samples.items()},
+            "chunk_size": CHUNK_SIZE, "samples": samples}
 
 
 def local_process(client: redis.Redis) -> psutil.Process | None:
@@ -280,6 +322,18 @@ def table(results: dict[str, Any]) -> str:
         rows.append(("processing with every limit configured (jobs/s; 'raw' = kickq with none)",
                      results["limits"]["raw"], results["limits"]["kickq"],
                      "kickq, max_jobs_num + rate_limit + max_jobs_per_key"))
+    if "chunks" in results:
+        c = results["chunks"]
+        rows.append((f"processing, {c['chunk_size']} jobs per message from create_many (jobs/s)", c["raw"],
+                     c["kickq"], "prefork -c 2, no-op, ignore_result=True"))
+        rows.append((f"processing, {c['chunk_size']} jobs per message from the promoter (jobs/s)", c["raw"],
+                     c["promoted"], "prefork -c 2, no-op, ignore_result=True"))
+    if "redis_memory" in results:
+        m = results["redis_memory"]
+        for label, key in (("all", "bytes_per_job"), ("the message", "message_bytes_per_job"),
+                           ("record + indexes", "record_and_index_bytes_per_job")):
+            rows.append((f"Redis bytes per queued job ({m['jobs']:,}): {label} ('raw' = 1.5 KB)", 1536,
+                         m[key], "kickq only"))
     if "wait_replicas" in results:
         waited = results["wait_replicas"]
         rows.append(("create with redis_wait_replicas=1 (jobs/s; 'raw' = kickq without)",
@@ -319,12 +373,14 @@ def main() -> None:
                                "cpus": os.cpu_count()}
     try:
         for name, run in (
-            ("create", lambda: bench_create(counts["create"])),
-            ("create_many", lambda: bench_create_many(counts["create_many"])),
+            ("create", lambda: bench_create(counts["create"], client, namespace)),
+            ("create_many", lambda: bench_create_many(counts["create_many"], client, namespace)),
             ("processing", lambda: bench_processing(counts["processing"], env, client)),
             ("limits", lambda: bench_limits(counts["processing"], env, client)),
+            ("chunks", lambda: bench_chunks(counts["processing"], env, client)),
             ("tombstone", lambda: bench_tombstone(counts["tombstone"], env)),
             ("memory", lambda: bench_memory(counts["memory"], env, client)),
+            ("redis_memory", lambda: measure_scale(counts["memory"])),
             ("wait_replicas", lambda: bench_wait_replicas(counts["create"])),
             ("acreate", lambda: bench_acreate(counts["create"])),
             ("await", lambda: bench_await(counts["tombstone"], env, celery_worker)),

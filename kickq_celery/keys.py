@@ -36,6 +36,17 @@ class Keys:
         (score: expiry). Running jobs are in :attr:`active` instead."""
         return f"{self.prefix}idx:{state}"
 
+    def name_index(self, state: str, name: str) -> str:
+        """Sorted set: the ids of job ``name``'s jobs in ``state``, scored as :meth:`index`'s
+        (running ones by their start)."""
+        return f"{self.prefix}nidx:{state}:{len(name)}:{name}"
+
+    @property
+    def ahead(self) -> str:
+        """Sorted set: jobs a running chunk has yet to reach, by its heartbeat's deadline (the
+        redelivery sweep leaves them alone until it lapses)."""
+        return f"{self.prefix}ahead"
+
     @property
     def delayed(self) -> str:
         """Sorted set: parked job ids by due time (no broker message yet)."""

@@ -91,6 +91,18 @@ def _priority(value: Any) -> int:
     return value
 
 
+#: the most jobs one Celery message carries (see ``chunk_size``): one create call's worth
+MAX_CHUNK_SIZE = 50
+
+
+def _chunk_size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an int from 1 to {MAX_CHUNK_SIZE}")
+    if not 1 <= value <= MAX_CHUNK_SIZE:
+        raise ValueError(f"expected an int from 1 to {MAX_CHUNK_SIZE}")
+    return value
+
+
 MAX_KEY_LENGTH = 200
 
 
@@ -179,6 +191,8 @@ OPTIONS: dict[str, Option] = {
         Option("ghost_interval", 1800.0, seconds, per_job=True),
         Option("priority", 0, _priority, per_job=True),
         Option("concurrency_key", None, _concurrency_key, per_job=True),
+        # kickq_celery addition: jobs of a burst per Celery message (create_many, promoter)
+        Option("chunk_size", 1, _chunk_size, per_job=True),
         Option("purge_jobs", True, _bool),
         Option("purge_timeout", 86400.0, _positive_seconds),
         # kickq_celery additions (not in kickq for Node): worker timing.
@@ -188,6 +202,19 @@ OPTIONS: dict[str, Option] = {
     )
 }
 FLAG_NAMES = tuple(name for name, option in OPTIONS.items() if option.per_job)
+FLAG_DEFAULTS = {name: OPTIONS[name].default for name in FLAG_NAMES}
+
+
+def stored_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved flags of a job as its record keeps them: those that differ from their
+    defaults (:data:`FLAG_DEFAULTS`; readers fill the rest in), so a record of default flags
+    stays small enough for Redis's compact hash encoding."""
+    return {name: value for name, value in flags.items() if value != FLAG_DEFAULTS.get(name, _MISSING)}
+
+
+def read_flags(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved flags of a record's :func:`stored_flags`."""
+    return {**FLAG_DEFAULTS, **stored}
 _ALIASES = {option.camel: name for name, option in OPTIONS.items()} | {n: n for n in OPTIONS}
 
 

@@ -91,7 +91,8 @@ def shown(name: str, data_json: str) -> str:
 
 @dataclass(frozen=True)
 class Message:
-    """One job's wake-up call: run ``attempt`` of ``job_id`` after ``countdown`` seconds.
+    """One job's wake-up call: run ``attempt`` of ``job_id`` after ``countdown`` seconds, then
+    the ``more`` (id, attempt) jobs of its chunk in turn, each as if it had come alone.
 
     ``label`` is how the message shows its args (see :func:`shown`).
     """
@@ -100,6 +101,25 @@ class Message:
     attempt: int
     countdown: float = 0.0
     label: str = ""
+    more: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def job_ids(self) -> list[str]:
+        return [self.job_id, *(job_id for job_id, _ in self.more)]
+
+
+def chunked(messages: Sequence[Message], size: int) -> list[Message]:
+    """Messages of one name with no countdown packed ``size`` jobs to a message (each keeps its
+    own record, guard and run); the others as they are."""
+    if size <= 1:
+        return list(messages)
+    due = [m for m in messages if m.countdown <= 0 and not m.more]
+    out = [m for m in messages if m.countdown > 0 or m.more]
+    for i in range(0, len(due), size):
+        first, *rest = due[i:i + size]
+        label = first.label + (f" and {len(rest)} more" if rest else "")
+        out.append(replace(first, label=label, more=tuple((m.job_id, m.attempt) for m in rest)))
+    return out
 
 
 @dataclass(frozen=True)
@@ -134,21 +154,36 @@ class CreatePlan:
         """The create script's call."""
         return self.call_with(None, ())
 
+    @property
+    def flags_json(self) -> str:
+        """The flags as the records keep them ('' when all are defaults: see options.stored_flags)."""
+        stored = opts.stored_flags(self.flags)
+        return json.dumps(stored, separators=(",", ":")) if stored else ""
+
+    @property
+    def chunk_size(self) -> int:
+        """Jobs per message: ``chunk_size`` for jobs due now, else one."""
+        return int(self.flags["chunk_size"]) if self.delay <= 0 else 1
+
     def parts(self) -> list[CreatePlan]:
-        """This create in parts of at most scripts.CREATE_CHUNK jobs, one script call each."""
-        size = scripts.CREATE_CHUNK
+        """This create in parts of at most scripts.CREATE_CHUNK jobs (whole chunks), one script
+        call each."""
+        size = scripts.CREATE_CHUNK - scripts.CREATE_CHUNK % self.chunk_size
         return [replace(self, jobs=self.jobs[i:i + size]) for i in range(0, len(self.jobs), size)]
 
     def call_with(self, queue: str | None, envelopes: Sequence[str]) -> scripts.Call[scripts.Created]:
-        """The create script's call that also pushes each job's message (``envelopes``, one per
-        job, as the broker keeps them) onto ``queue``, on a broker that is the same Redis."""
-        return scripts.create(self.name, json.dumps(self.flags), self.process_timeout, self.tombstone,
-                              self.delay, self.park, self.jobs, queue, envelopes, self.flags["priority"],
+        """The create script's call that also pushes its messages (``envelopes``, one per message
+        of :attr:`messages`, as the broker keeps them) onto ``queue``, on a broker that is the
+        same Redis: each message with the records of its jobs."""
+        groups = [] if queue is None else [
+            (len(m.job_ids), envelope) for m, envelope in zip(self.messages, envelopes, strict=True)]
+        return scripts.create(self.name, self.flags_json, self.process_timeout, self.tombstone,
+                              self.delay, self.park, self.jobs, queue, groups, self.flags["priority"],
                               self.flags["concurrency_key"], self.chosen_ids, self.forget_prefix)
 
     def tick_call(self, schedule_key: str, tick_at: float) -> scripts.Call[bool]:
         """The call that claims a cron tick and creates this (one) job with it."""
-        return scripts.tick(schedule_key, tick_at, self.name, json.dumps(self.flags), self.process_timeout,
+        return scripts.tick(schedule_key, tick_at, self.name, self.flags_json, self.process_timeout,
                             self.tombstone, self.jobs[0], self.flags["priority"],
                             self.flags["concurrency_key"])
 
@@ -157,7 +192,8 @@ class CreatePlan:
         """The messages to publish now (none when parked)."""
         if self.park:
             return []
-        return [Message(job_id, 1, self.delay, shown(self.name, data)) for job_id, data in self.jobs]
+        return chunked([Message(job_id, 1, self.delay, shown(self.name, data))
+                        for job_id, data in self.jobs], self.chunk_size)
 
     def existing(self, reply: scripts.Created) -> dict[str, tuple[str, float, str, str]]:
         """The jobs of this create that existed already (only the caller's own ids can: a fresh id
@@ -191,9 +227,9 @@ class CreatePlan:
         return jobs
 
     def unwritten(self, reply: scripts.Created) -> list[Message]:
-        """The messages of the jobs this create wrote (none for the ids that existed)."""
+        """The messages of the jobs this create wrote (none whose jobs all existed)."""
         existing = self.existing(reply)
-        return [m for m in self.messages if m.job_id not in existing]
+        return [m for m in self.messages if not existing.keys() >= set(m.job_ids)]
 
 
 def plan_create(options: Mapping[str, Any], horizon_seconds: float, name: Any, items: Sequence[Any],

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from .exceptions import InvalidJobData, KickqError
 from .keys import FINAL_STATES
+from .options import read_flags
 
 if TYPE_CHECKING:
     from .promise import Promise
@@ -104,17 +105,18 @@ class JobRecord:
     concurrency_key: str | None = None
 
     @classmethod
-    def from_hash(cls, raw: dict[str, str]) -> JobRecord:
+    def from_hash(cls, job_id: str, raw: dict[str, str]) -> JobRecord:
+        """The record of job ``job_id`` from its hash (which keeps no id: it is the key's)."""
         result = raw.get("result", "")
         return cls(
-            id=raw["id"],
+            id=job_id,
             name=raw["name"],
             state=raw["state"],
             data=json.loads(raw["data"]),
-            flags=json.loads(raw["flags"]),
+            flags=read_flags(json.loads(raw.get("flags") or "{}")),
             created_at=from_timestamp(raw.get("created_at")),
             updated_at=from_timestamp(raw.get("updated_at") or raw.get("created_at")),
-            scheduled_for=from_timestamp(raw.get("scheduled_for")),
+            scheduled_for=from_timestamp(raw.get("scheduled_for") or raw.get("created_at")),
             finished_at=from_timestamp(raw.get("finished_at")),
             complete=raw["state"] in FINAL_STATES,
             success=raw["state"] == "success",

@@ -15,12 +15,13 @@ from importlib import resources
 from typing import Any, Generic, TypeVar
 
 from .keys import FINAL_STATES
-from .options import Limits
+from .options import FLAG_DEFAULTS, Limits
 from .records import Run
 
 T = TypeVar("T")
 
-_LIB = resources.files(__package__).joinpath("lua/lib.lua").read_text()
+_LIB = (f"local FLAG_DEFAULTS = [[{json.dumps(FLAG_DEFAULTS)}]]\n"
+        + resources.files(__package__).joinpath("lua/lib.lua").read_text())
 
 #: the scripts that take a call id and keep their reply (see ``replayed`` in lua/lib.lua)
 REPLAYED = ("delete", "reap", "promote", "tick", "limit")
@@ -97,6 +98,7 @@ class Started:
     created_at: float = 0.0
     started_at: float = 0.0
     wait: float = 0.0  # early: seconds until the job is due
+    process_timeout: float | None = None
 
     @classmethod
     def parse(cls, reply: Sequence[Any]) -> Started:
@@ -105,8 +107,9 @@ class Started:
             return cls(status, wait=float(reply[1]))
         if status != "run":
             return cls(status)
-        runs = tuple(Run.from_dict(run) for run in json.loads(reply[2]))
-        return cls(status, json.loads(reply[1]), runs, float(reply[3]), float(reply[4]))
+        runs = tuple(Run.from_dict(run) for run in json.loads(reply[2] or "[]"))
+        return cls(status, json.loads(reply[1]), runs, float(reply[3]), float(reply[4]),
+                   process_timeout=float(reply[5]) if reply[5] else None)
 
 
 @dataclass(frozen=True)
@@ -193,18 +196,27 @@ PROMOTE_LIMIT = 100
 
 def create(name: str, flags_json: str, process_timeout: float | None, tombstone: bool, delay: float,
            park: bool, jobs: Sequence[tuple[str, str]], queue: str | None = None,
-           messages: Sequence[str] = (), priority: int = 0, concurrency_key: str | None = None,
-           chosen_ids: bool = False, forget_prefix: str = "") -> Call[Created]:
+           messages: Sequence[tuple[int, str]] = (), priority: int = 0,
+           concurrency_key: str | None = None, chosen_ids: bool = False,
+           forget_prefix: str = "") -> Call[Created]:
     """Write job records (id, data_json pairs), and with ``queue`` (the broker's list on the same
-    Redis) push each new job's message with it. With ``chosen_ids`` (the caller's own ids), the
+    Redis) push the messages with them: (count, message) for the next ``count`` jobs in turn, each
+    pushed when one of its jobs is new. With ``chosen_ids`` (the caller's own ids), the
     call takes an id so that, sent again, it answers as the first time; ``forget_prefix`` (their
     result backend's key prefix, in the same Redis) drops an outcome an earlier job of the id left."""
     header = (call_id() if chosen_ids else "", name, flags_json, _opt(process_timeout), int(tombstone),
               delay, int(park), priority, concurrency_key or "", forget_prefix)
     if queue is None:
         return Call("create", (*header, *(item for job in jobs for item in job)), Created.parse)
-    items = [item for (job_id, data), message in zip(jobs, messages, strict=True)
-             for item in (job_id, data, message)]
+    if sum(count for count, _ in messages) != len(jobs):
+        raise ValueError("the messages must cover the jobs")
+    items: list[Any] = []
+    rest = iter(jobs)
+    for count, message in messages:
+        items.append(count)
+        for _ in range(count):
+            items.extend(next(rest))
+        items.append(message)
     return Call("create", (*header, *items), Created.parse, (queue,))
 
 
@@ -224,11 +236,14 @@ def reap(purge: float, limit: int = REAP_LIMIT) -> Call[list[Ended]]:
                 lambda reply: [Ended.parse(text(r[0]), r[1:]) for r in reply])
 
 
-def heartbeat(lock_timeout: float, runs: Sequence[tuple[str, str]]) -> Call[list[tuple[str, str]]]:
-    """Renew the locks of (id, token) runs; replies (id, 'lost' | 'deleted' | 'terminate') for the
-    runs no longer held and the jobs deleted while they run."""
+def heartbeat(lock_timeout: float, runs: Sequence[tuple[str, str]],
+              ahead: Sequence[str] = ()) -> Call[list[tuple[str, str]]]:
+    """Renew the locks of (id, token) runs, and hold the jobs ``ahead`` in running chunks as long;
+    replies (id, 'lost' | 'deleted' | 'terminate') for the runs no longer held and the jobs
+    deleted while they run."""
     pairs = [item for run in runs for item in run]
-    return Call("heartbeat", (lock_timeout, *pairs), lambda reply: [(text(i), text(s)) for i, s in reply])
+    return Call("heartbeat", (lock_timeout, len(ahead), *ahead, *pairs),
+                lambda reply: [(text(i), text(s)) for i, s in reply])
 
 
 def delete(job_id: str, terminate: bool = False) -> Call[Deleted]:

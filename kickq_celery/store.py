@@ -143,11 +143,20 @@ class JobStore(_Store):
                    traceback: str = "") -> Ended:
         return self.run(scripts.finish(job_id, token, outcome, payload, purge, traceback))
 
+    def finish_then_start(self, job_id: str, token: str, outcome: str, payload: str, purge: float,
+                          traceback: str, then: tuple[str, int, str, float]) -> tuple[Ended, Started]:
+        """End a run and start the next job's (``then``: id, attempt, token, lock_timeout) in one
+        round trip: a chunk's jobs in turn. Both calls may be sent again (see finish.lua, start.lua)."""
+        ended, started = self.run_all([scripts.finish(job_id, token, outcome, payload, purge, traceback),
+                                       scripts.start(*then)])
+        return ended, started
+
     def reap(self, purge: float, limit: int = scripts.REAP_LIMIT) -> list[Ended]:
         return self.run(scripts.reap(purge, limit))
 
-    def heartbeat(self, lock_timeout: float, runs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-        return self.run(scripts.heartbeat(lock_timeout, runs))
+    def heartbeat(self, lock_timeout: float, runs: Sequence[tuple[str, str]],
+                  ahead: Sequence[str] = ()) -> list[tuple[str, str]]:
+        return self.run(scripts.heartbeat(lock_timeout, runs, ahead))
 
     def delete(self, job_id: str, terminate: bool = False) -> Deleted:
         return self.run(scripts.delete(job_id, terminate))
@@ -180,7 +189,7 @@ class JobStore(_Store):
 
     def get(self, job_id: str) -> JobRecord | None:
         with redis_errors(self.client):
-            return record_from(self.client.hgetall(self.keys.job(job_id)))
+            return record_from(job_id, self.client.hgetall(self.keys.job(job_id)))
 
     def job_ids(self, state: str, offset: int = 0, count: int = 100) -> list[str]:
         """Ids in one state: waiting ones by due time, running ones by heartbeat deadline,
@@ -200,38 +209,18 @@ class JobStore(_Store):
                 offset: int = 0, limit: int = 50) -> list[JobRecord]:
         """Records in the given states (in that order) and of ``name`` if given, paged.
 
-        Without a name, a page costs O(log N + its size) at any offset: whole states are skipped
-        by their counts, the page's ids are read by rank and its records in one round trip. With
-        a name, records are read in turn until the page is full (O(the records skipped)).
+        A page costs O(log N + its size) at any offset, with or without a name: whole states are
+        skipped by their counts in the index (of all names, or the name's own), the page's ids
+        are read by rank and its records in one round trip.
         """
-        if name is None:
-            return self._page(states, offset, limit)
-        found: list[JobRecord] = []
-        skip = offset
-        for state in states:
-            start = 0
-            while len(found) < limit:
-                ids = self.job_ids(state, start, 200)
-                if not ids:
-                    break
-                start += len(ids)
-                for record in self._get_many(ids):
-                    if record is None or record.name != name:
-                        continue
-                    if skip:
-                        skip -= 1
-                        continue
-                    found.append(record)
-                    if len(found) >= limit:
-                        break
-        return found
-
-    def _page(self, states: Sequence[str], offset: int, limit: int) -> list[JobRecord]:
         found: list[JobRecord] = []
         for state in states:
             if len(found) >= limit:
                 break
-            key = self.keys.active if state == "processing" else self.keys.index(state)
+            if name is not None:
+                key = self.keys.name_index(state, name)
+            else:
+                key = self.keys.active if state == "processing" else self.keys.index(state)
             with redis_errors(self.client):
                 size = self.client.zcard(key)
                 # finished records expire: their index entries (scored by expiry) may outlive them
@@ -255,7 +244,7 @@ class JobStore(_Store):
         for job_id in ids:
             pipe.hgetall(self.keys.job(job_id))
         with redis_errors(self.client):
-            return [record_from(raw) for raw in pipe.execute()]
+            return [record_from(job_id, raw) for job_id, raw in zip(ids, pipe.execute(), strict=True)]
 
     def names(self) -> list[str]:
         with redis_errors(self.client):
@@ -334,7 +323,7 @@ def merged(batch: list[tuple[Call[Any], asyncio.Future[Any]]]) -> Batch:
         key = (call.keys, *call.args[:CREATE_HEADER])
         if key in creates and not call.replays and (
                 len(out[creates[key]][0].args) + len(call.args) - 2 * CREATE_HEADER
-                <= CREATE_CHUNK * (3 if call.keys else 2)):  # (id, data[, message] per job)
+                <= CREATE_CHUNK * (4 if call.keys else 2)):  # (id, data[, count, message] per job)
             first, futures = out[creates[key]]
             out[creates[key]] = (replace(first, args=(*first.args, *call.args[CREATE_HEADER:])),
                                  [*futures, future])
@@ -390,9 +379,9 @@ def parse_stats(names: Sequence[str], replies: Sequence[Any], now: float) -> dic
     return result
 
 
-def record_from(raw: dict[Any, Any]) -> JobRecord | None:
-    """A job record from its hash (None when the hash is empty: no such job)."""
-    return JobRecord.from_hash({text(k): text(v) for k, v in raw.items()}) if raw else None
+def record_from(job_id: str, raw: dict[Any, Any]) -> JobRecord | None:
+    """Job ``job_id``'s record from its hash (None when the hash is empty: no such job)."""
+    return JobRecord.from_hash(job_id, {text(k): text(v) for k, v in raw.items()}) if raw else None
 
 
 class AsyncJobStore(_Store):
@@ -502,7 +491,7 @@ class AsyncJobStore(_Store):
 
     async def get(self, job_id: str) -> JobRecord | None:
         with redis_errors(self.client):
-            return record_from(await self.client.hgetall(self.keys.job(job_id)))
+            return record_from(job_id, await self.client.hgetall(self.keys.job(job_id)))
 
     async def names(self) -> list[str]:
         with redis_errors(self.client):

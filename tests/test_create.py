@@ -126,7 +126,7 @@ def test_stored_flags_are_fully_resolved(kickq):
     flags = kickq.get(kickq.create("j").id).flags
     assert set(flags) == {"delay", "tombstone", "tombstone_timeout", "retry", "retry_count",
                           "retry_interval", "process_timeout", "ghost_retry", "ghost_times",
-                          "ghost_interval", "priority", "concurrency_key"}
+                          "ghost_interval", "priority", "concurrency_key", "chunk_size"}
 
 
 def test_retry_interval_forms_are_stored_as_seconds(kickq):

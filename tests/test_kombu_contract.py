@@ -60,14 +60,20 @@ LABEL = "('resize', {\"img\":7})"
 
 
 def _kombu_envelope(app: Celery, broker: redis.Redis, queue: str, job_id: str, attempt: int,
-                    countdown: float, process_timeout: float | None) -> dict[str, Any]:
-    """The envelope Celery/kombu store for the same task, read back from the queue's list."""
+                    countdown: float, process_timeout: float | None,
+                    more: list[list[Any]] | None = None) -> dict[str, Any]:
+    """The envelope Celery/kombu store for the same task, read back from the queue's list
+    (``more``: a chunk's other jobs, a third arg)."""
     limits: dict[str, Any] = {}
     if process_timeout:
         limits = {"soft_time_limit": process_timeout, "time_limit": process_timeout + HARD_LIMIT_GRACE}
     # how a kickq message shows its job in Flower and `celery inspect` (Celery's own fields)
-    shown = {"argsrepr": LABEL, "kwargsrepr": repr({"job_id": job_id, "attempt": attempt})}
-    message = app.amqp.as_task_v2(job_id, queue, args=(job_id, attempt), ignore_result=True,
+    kwargs: dict[str, Any] = {"job_id": job_id, "attempt": attempt}
+    args: tuple[Any, ...] = (job_id, attempt)
+    if more:
+        kwargs["more"], args = len(more), (job_id, attempt, more)
+    shown = {"argsrepr": LABEL, "kwargsrepr": repr(kwargs)}
+    message = app.amqp.as_task_v2(job_id, queue, args=args, ignore_result=True,
                                   countdown=countdown or None, retries=attempt - 1, **shown, **limits)
     with app.producer_or_acquire() as producer:
         app.amqp.send_task_message(producer, queue, message,
@@ -84,6 +90,9 @@ def _normalized(envelope: dict[str, Any]) -> dict[str, Any]:
     if props.get("body_encoding") == "base64":
         env["body"] = base64.b64decode(env["body"]).decode()
     env["body"] = json.loads(env["body"])
+    # Celery reads the embed's callbacks, errbacks, chain and chord with .get: a missing key is None
+    if isinstance(env["body"], list) and len(env["body"]) == 3 and isinstance(env["body"][2], dict):
+        env["body"][2] = {key: value for key, value in env["body"][2].items() if value is not None}
     # volatile: a fresh uuid per message; the worker's ack uses it, so it must still be a uuid string
     if "delivery_tag" in props:
         tag = props["delivery_tag"]
@@ -147,6 +156,19 @@ def test_publisher_envelope_matches_kombu(app: Celery, broker: redis.Redis, queu
         assert abs((etas[0] - etas[1]).total_seconds()) < 2
         assert abs((etas[0] - datetime.now(timezone.utc)).total_seconds() - countdown) < 2
     assert ours["properties"]["delivery_tag"] != theirs["properties"]["delivery_tag"]
+
+
+def test_chunk_envelope_matches_kombu(app: Celery, broker: redis.Redis, queue: str) -> None:
+    """A chunk's message: the other jobs' [id, attempt] pairs as a third arg, and no time limit
+    (each job's process_timeout is kept by the task: see worker/task.py)."""
+    job_id, more = str(uuid.uuid4()), [[str(uuid.uuid4()), 1], [str(uuid.uuid4()), 2]]
+    theirs = _kombu_envelope(app, broker, queue, job_id, 1, 0, None, more)
+    [encoded] = Publisher(app, broker).encoded(
+        queue, queue, 30, [Message(job_id, 1, 0, LABEL, tuple((i, a) for i, a in more))])
+    ours = json.loads(encoded)
+    differences = _differences(_normalized(ours), _normalized(theirs))
+    assert not differences, "\n".join(differences)
+    assert ours["headers"]["timelimit"] == [None, None]
 
 
 def test_pushed_envelopes_run_on_a_real_worker(app: Celery, broker: redis.Redis, queue: str) -> None:

@@ -118,13 +118,14 @@ def snapshot(kq: Kickq, name: str, ids: list[str]) -> dict[str, Any]:
         if not raw:
             records.append(None)
             continue
-        record = JobRecord.from_hash(raw)
+        record = JobRecord.from_hash(job_id, raw)
         records.append({
             "state": record.state, "attempt": raw.get("attempt"), "data": record.data,
             "runs": [run.state for run in record.runs], "result": record.result,
             "failed": bool(record.last_error), "token": bool(raw.get("token")),
             "indexes": [s for s in STATES if s != "processing"
                         and r.zscore(keys.index(s), job_id) is not None],
+            "name_indexes": [s for s in STATES if r.zscore(keys.name_index(s, name), job_id) is not None],
             "parked": r.zscore(keys.delayed, job_id) is not None,
             "active": r.zscore(keys.active, job_id) is not None,
             "waiting_for_slot": r.zscore(keys.waiting(name), job_id) is not None,

@@ -20,7 +20,8 @@ from tests.conftest import ROOT
 LOCK_TIMEOUT = 1.0  # the workers' lock_timeout: a killed worker drops out within 3 s
 # tests/workerapp.py's handlers
 NAMES = ["asleep", "fail_first", "record", "sleep", "steady", "stoppable", "limits_rate", "limits_keyed",
-         "limits_prio", "control_progress", "control_paused", "control_sleeper", "control_watch"]
+         "limits_prio", "control_progress", "control_paused", "control_sleeper", "control_watch",
+         "chunked", "chunked_burst"]
 
 
 def workers(kq: Kickq, name: str) -> int:

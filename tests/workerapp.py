@@ -41,7 +41,10 @@ if os.environ.get("KICKQ_TEST_MASTER_NAME"):
 
 kq = Kickq(app, redis=REDIS_URL, redis_namespace=NAMESPACE, poll_interval=0.2,
            lock_timeout=float(os.environ.get("KICKQ_TEST_LOCK_TIMEOUT", "3")),
-           redis_wait_replicas=int(os.environ.get("KICKQ_TEST_WAIT_REPLICAS", "0")))
+           redis_wait_replicas=int(os.environ.get("KICKQ_TEST_WAIT_REPLICAS", "0")),
+           # this worker's promoter publishes the due bursts of chunked_burst that many to a
+           # Celery message (tests/test_chunks.py)
+           job_flags={"chunked_burst": {"chunk_size": int(os.environ.get("KICKQ_TEST_CHUNK_SIZE", "1"))}})
 
 
 def _records_client(**kwargs):  # type: ignore[no-untyped-def]
@@ -261,3 +264,42 @@ def control_watch(job):
         raise
     _control_record(job, "completed")
     return "watched"
+
+
+# --- chunked: several jobs to a Celery message (chunk_size, tests/test_chunks.py) ----------
+
+
+def _chunked_run(job):  # type: ignore[no-untyped-def]
+    """Sleep ``job.data["sleep"]`` seconds (0 by default), then fail if ``job.data["fail"]``.
+    Records ``<id>:<pid>:<start>`` in ``chunked:started`` when the run starts, ``<id>:<pid>:<start>:
+    <end>`` in ``chunked:runs`` when its sleep ends (a run that fails too), ``<id>:<pid>:<when>`` in
+    ``chunked:stopped`` when SoftTimeLimitExceeded cuts the sleep short (times: time.time())."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    data = job.data if isinstance(job.data, dict) else {}
+    pid, start = os.getpid(), time.time()
+    r.rpush(PREFIX + "chunked:started", f"{job.id}:{pid}:{start:.6f}")
+    try:
+        time.sleep(float(data.get("sleep", 0)))
+    except SoftTimeLimitExceeded:
+        r.rpush(PREFIX + "chunked:stopped", f"{job.id}:{pid}:{time.time():.6f}")
+        if not data.get("stubborn"):
+            raise
+        time.sleep(float(data.get("sleep", 0)))  # a handler that ignores its soft time limit
+    r.rpush(PREFIX + "chunked:runs", f"{job.id}:{pid}:{start:.6f}:{time.time():.6f}")
+    if data.get("fail"):
+        raise RuntimeError(f"chunked job {job.id} fails on purpose")
+    return {"pid": pid, "run": job.run}
+
+
+@kq.process("chunked")
+def chunked(job):
+    """A job of a chunk (see _chunked_run); create its jobs with chunk_size."""
+    return _chunked_run(job)
+
+
+@kq.process("chunked_burst")
+def chunked_burst(job):
+    """As ``chunked``; its job_flags (above) give it KICKQ_TEST_CHUNK_SIZE, so this worker's
+    promoter publishes its parked jobs that many to a message when they come due."""
+    return _chunked_run(job)

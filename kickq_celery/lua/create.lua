@@ -5,7 +5,7 @@
 --   nothing), name, flags_json, process_timeout ('' = none), tombstone (0/1), delay_seconds,
 --   park (1 = wait in `delayed` for a promoter), priority, concurrency key ('' = none), the
 --   result key prefix of outcomes to forget for new records ('' = none), then id, data_json
---   pairs (with KEYS[2]: id, data_json, message triples).
+--   pairs (with KEYS[2]: groups of a count, that many id, data_json pairs and their message).
 -- Returns {the creation time, the jobs whose id existed: {id, state, created_at, data, name}}.
 -- A caller's own ids take a call id: the call sent again answers as the first time did,
 -- rather than find its own jobs existing.

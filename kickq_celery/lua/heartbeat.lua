@@ -1,10 +1,14 @@
 -- Renew the heartbeat locks of runs this process holds; never past the process_timeout cap.
--- KEYS[1]: the namespace prefix. ARGV: lock_timeout, then id, token pairs.
+-- And hold the jobs its chunks are still to run in `ahead` for as long, so that the redelivery
+-- sweep does not take them for lost messages (see overdue.lua).
+-- KEYS[1]: the namespace prefix. ARGV: lock_timeout, n, n ids ahead, then id, token pairs.
 -- Returns {id, 'lost' | 'deleted' | 'terminate'} for each run no longer held (reaped, ended) or
 --   whose job was deleted meanwhile (with terminate: its run is to be stopped).
 local t = now()
 local out = {}
-for i = 2, #ARGV, 2 do
+local ahead = tonumber(ARGV[2])
+for i = 3, 2 + ahead do redis.call('ZADD', P .. 'ahead', fmt(t + tonumber(ARGV[1])), ARGV[i]) end
+for i = 3 + ahead, #ARGV, 2 do
   local id = ARGV[i]
   local f = redis.call('HMGET', P .. 'job:' .. id, 'token', 'deadline_cap', 'deleted', 'terminate')
   if f[1] == ARGV[i + 1] then

@@ -39,17 +39,25 @@ local function waiting(state)
   return state == 'queued' or state == 'delayed' or state == 'retry' or state == 'ghost'
 end
 
+-- The index of the jobs of `name` in `state`, scored as idx:<state> is (running jobs by their
+-- start): a listing of one name reads it (the length prefix keeps a name with ':' apart).
+local function name_index(state, name)
+  return P .. 'nidx:' .. state .. ':' .. #name .. ':' .. name
+end
+
 -- Move a job between state indexes and gauges; old or new may be false. Running jobs
--- are indexed by `active` alone (their heartbeat deadlines), not by an idx: set.
+-- are indexed by `active` (their heartbeat deadlines), not by an idx: set, and by their name's.
 local function move(id, name, old, new, score)
   if old then
     if old ~= 'processing' then redis.call('ZREM', P .. 'idx:' .. old, id) end
+    redis.call('ZREM', name_index(old, name), id)
     if old == 'processing' or waiting(old) then
       redis.call('HINCRBY', P .. 'stats:' .. name, old, '-1')
     end
   end
   if new then
     if new ~= 'processing' then redis.call('ZADD', P .. 'idx:' .. new, score, id) end
+    redis.call('ZADD', name_index(new, name), score, id)
     if new == 'processing' or waiting(new) then
       redis.call('HINCRBY', P .. 'stats:' .. name, new, '1')
     end
@@ -79,9 +87,10 @@ local function park(id, due)
 end
 
 -- Create jobs of one name with the same flags, from ARGV[first] on as id, data_json pairs, or
--- with `queue` (the Celery queue's list on this same Redis, a broker) id, data_json, message
--- triples: each new job's message is pushed with its record, so neither exists without the
--- other. A job is parked when `parked` (delayed past the horizon, or a cron tick's job).
+-- with `queue` (the Celery queue's list on this same Redis, a broker) as groups of a count, that
+-- many id, data_json pairs and the message that wakes them: a message is pushed with its records
+-- (when one of its jobs is new), so no record exists without its message. A job is parked when
+-- `parked` (delayed past the horizon, or a cron tick's job).
 -- `priority` ('0'-'9') and `ckey` (the concurrency key, '' = none) are kept on the record.
 -- An id that exists is not written again: its job is answered as {id, state, created_at, data,
 -- name} (asked for with tombstone, it is tombstoned from now on unless it ended already).
@@ -99,11 +108,12 @@ local function create_jobs(name, flags, ptimeout, tombstone, delay, parked, prio
   if tombstone == '1' then table.insert(extra, 'tombstone'); table.insert(extra, '1') end
   if priority ~= '0' then table.insert(extra, 'priority'); table.insert(extra, priority) end
   if ckey ~= '' then table.insert(extra, 'ckey'); table.insert(extra, ckey) end
+  if flags ~= '' then table.insert(extra, 'flags'); table.insert(extra, flags) end
+  if delay > 0 then table.insert(extra, 'scheduled_for'); table.insert(extra, due) end
   local n = 0
   local existing = {}
-  local stride = queue and 3 or 2
-  for i = first, #ARGV, stride do
-    local id = ARGV[i]
+  -- writes job `id` unless it exists; whether it wrote
+  local function write(id, data)
     local key = P .. 'job:' .. id
     -- an id that exists is a caller's job_id used again, or this call again (redis-py re-sends
     -- a command whose reply a dropped connection lost): writing it twice would reset a job a
@@ -112,24 +122,48 @@ local function create_jobs(name, flags, ptimeout, tombstone, delay, parked, prio
     if not old[1] then
       if forget and forget ~= '' then redis.call('DEL', forget .. id) end
       -- only what is known now: readers take a missing field as empty, zero or false
-      redis.call('HSET', key, 'id', id, 'name', name, 'state', state,
-        'data', ARGV[i + 1], 'flags', flags, 'created_at', ts, 'scheduled_for', due,
-        'attempt', '1', 'runs', '[]', unpack(extra))
+      -- (the id is the key's; no runs yet; a job due at once is scheduled for its creation)
+      redis.call('HSET', key, 'name', name, 'state', state, 'data', data, 'created_at', ts,
+        'attempt', '1', unpack(extra))
       redis.call('ZADD', P .. 'idx:' .. state, due, id)
+      redis.call('ZADD', name_index(state, name), due, id)
       if parked then park(id, due) end
-      if queue then redis.call('LPUSH', queue, ARGV[i + 2]) end
       n = n + 1
-    else
-      if tombstone == '1' and old[1] ~= 'success' and old[1] ~= 'fail' then
-        redis.call('HSET', key, 'tombstone', '1')
-      end
-      existing[#existing + 1] = {id, old[1], old[2], old[3], old[4]}
+      return true
     end
+    if tombstone == '1' and old[1] ~= 'success' and old[1] ~= 'fail' then
+      redis.call('HSET', key, 'tombstone', '1')
+    end
+    existing[#existing + 1] = {id, old[1], old[2], old[3], old[4]}
+    return false
+  end
+  if queue then
+    local i = first
+    while i <= #ARGV do
+      local count, wrote = tonumber(ARGV[i]), false
+      for j = i + 1, i + 2 * count, 2 do
+        if write(ARGV[j], ARGV[j + 1]) then wrote = true end
+      end
+      if wrote then redis.call('LPUSH', queue, ARGV[i + 2 * count + 1]) end
+      i = i + 2 * count + 2
+    end
+  else
+    for i = first, #ARGV, 2 do write(ARGV[i], ARGV[i + 1]) end
   end
   redis.call('HINCRBY', P .. 'stats:' .. name, state, n)
   redis.call('HINCRBY', P .. 'stats:' .. name, 'created', n)
   redis.call('SADD', P .. 'names', name)
   return {ts, existing}
+end
+
+-- The flags of a record: its JSON keeps those that differ from their defaults (none: no field),
+-- FLAG_DEFAULTS is their JSON (from options.py, put before this file by scripts.py).
+local function flags_of(json)
+  local flags = json and cjson.decode(json) or {}
+  for name, value in pairs(cjson.decode(FLAG_DEFAULTS)) do
+    if flags[name] == nil then flags[name] = value end
+  end
+  return flags
 end
 
 -- The limits of job `name` (see limit.lua: "max|rate_n|rate_window|per_key", any part empty),
@@ -194,10 +228,10 @@ local function release_key(name, ckey, t)
   return id
 end
 
--- Drop up to `limit` entries of purged records from a finished state's index (their scores
--- are the records' expiry times): a bounded step, so no call holds Redis long.
-local function trim_index(state, ts, limit)
-  local key = P .. 'idx:' .. state
+-- Drop up to `limit` entries of purged records from a finished state's index, or that of
+-- `name` (their scores are the records' expiry times): a bounded step, so no call holds Redis long.
+local function trim_index(state, ts, limit, name)
+  local key = name and name_index(state, name) or P .. 'idx:' .. state
   local stale = redis.call('ZRANGEBYSCORE', key, '-inf', ts, 'LIMIT', 0, limit)
   if #stale > 0 then redis.call('ZREM', key, unpack(stale)) end
   return #stale
@@ -238,7 +272,7 @@ local function end_run(id, outcome, payload, t, ts, purge, token, tb)
   local duration = math.max(0, t - tonumber(f[4]))
   local took = fmt(duration)
   -- the run appended to the runs JSON as text: decoding and encoding the list costs more
-  local earlier = f[3] == '[]' and 0 or #cjson.decode(f[3])
+  local earlier = (not f[3] or f[3] == '[]') and 0 or #cjson.decode(f[3])
   local run = '{"number":' .. (earlier + 1) .. ',"started_at":' .. f[4] .. ',"duration":'
     .. took .. ',"state":"' .. outcome .. '"'
   if outcome ~= 'success' then run = run .. ',"error":' .. cjson.encode(payload) end
@@ -269,7 +303,7 @@ local function end_run(id, outcome, payload, t, ts, purge, token, tb)
   if not token then add('token', '') end
   local failed = outcome ~= 'success' and redis.call('HMGET', key, 'flags', 'fails', 'ghosts')
   if outcome == 'fail' then
-    local flags, fails = cjson.decode(failed[1]), tonumber(failed[2] or 0) + 1
+    local flags, fails = flags_of(failed[1]), tonumber(failed[2] or 0) + 1
     add('fails', fails)
     if flags.retry and fails <= flags.retry_count then
       local interval = flags.retry_interval
@@ -278,7 +312,7 @@ local function end_run(id, outcome, payload, t, ts, purge, token, tb)
       redis.call('HINCRBY', stats, 'retried', '1')
     end
   elseif outcome == 'ghost' then
-    local flags, ghosts = cjson.decode(failed[1]), tonumber(failed[3] or 0) + 1
+    local flags, ghosts = flags_of(failed[1]), tonumber(failed[3] or 0) + 1
     add('ghosts', ghosts)
     redis.call('HINCRBY', stats, 'ghosts', '1')
     if flags.ghost_retry and ghosts <= flags.ghost_times then
@@ -322,6 +356,9 @@ local function end_run(id, outcome, payload, t, ts, purge, token, tb)
   end
   move(id, name, 'processing', verdict, expiry)
   -- drop index entries of purged records (once a second; the reaper does the rest)
-  if housekeeping then trim_index(verdict, ts, 100) end
+  if housekeeping then
+    trim_index(verdict, ts, 100)
+    trim_index(verdict, ts, 100, name)
+  end
   return reply
 end

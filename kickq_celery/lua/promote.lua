@@ -35,7 +35,7 @@ for _, id in ipairs(ids) do
   else
     local lease = t + tonumber(ARGV[3])
     redis.call('ZADD', P .. 'delayed', lease, id)
-    out[#out + 1] = {id, f[1], f[3], tostring(math.max(0, tonumber(f[4]) - t)), tostring(lease), f[6],
+    out[#out + 1] = {id, f[1], f[3], tostring(math.max(0, tonumber(f[4] or '0') - t)), tostring(lease), f[6],
       string.sub(f[7], 1, 101)}
   end
 end

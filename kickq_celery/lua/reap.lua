@@ -7,6 +7,11 @@ if again then return again end
 local t, ts = now()
 trim_index('success', ts, 200)
 trim_index('fail', ts, 200)
+-- and those of a few names (at random: each pass, every reaper)
+for _, name in ipairs(redis.call('SRANDMEMBER', P .. 'names', 10)) do
+  trim_index('success', ts, 50, name)
+  trim_index('fail', ts, 50, name)
+end
 local out = {}
 local ids = redis.call('ZRANGEBYSCORE', P .. 'active', '-inf', ts, 'LIMIT', 0, tonumber(ARGV[3]))
 for _, id in ipairs(ids) do

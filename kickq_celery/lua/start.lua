@@ -4,8 +4,8 @@
 -- window, keywait:... for its key) in priority order, for the end of a run or the window's
 -- opening to release it (see release() in lib.lua and promote.lua).
 -- KEYS[1]: the namespace prefix. ARGV: id, attempt (from the message), token, lock_timeout
--- Returns {'run', data, runs, created_at, started_at} | {'gone'} | {'skip', state} | {'wait'}
---   | {'early', seconds_until_due}
+-- Returns {'run', data, runs, created_at, started_at, process_timeout ('' = none)} | {'gone'}
+--   | {'skip', state} | {'wait'} | {'early', seconds_until_due}
 local id = ARGV[1]
 local key = P .. 'job:' .. id
 local f = redis.call('HMGET', key, 'name', 'state', 'attempt', 'deleted', 'ptimeout',
@@ -14,7 +14,7 @@ if not f[1] then return {'gone'} end
 -- our own call again (redis-py re-sends a command whose reply a dropped connection lost):
 -- the run that call started is ours
 if f[2] == 'processing' and f[9] == ARGV[3] then
-  return {'run', f[10], f[11], f[6], f[7]}
+  return {'run', f[10], f[11], f[6], f[7], f[5] or ''}
 end
 -- a message for a deleted, finished, running or superseded attempt is a duplicate
 if f[4] == '1' or f[3] ~= ARGV[2] or not waiting(f[2]) then return {'skip', f[2]} end
@@ -74,4 +74,5 @@ if krun then
   redis.call('ZREM', kwait, id)
 end
 move(id, name, f[2], 'processing', ts)
-return {'run', f[10], f[11], f[6], ts}
+redis.call('ZREM', P .. 'ahead', id)  -- (reached by its chunk)
+return {'run', f[10], f[11], f[6], ts, f[5] or ''}

@@ -16,7 +16,8 @@ from zoneinfo import ZoneInfo
 from ..connection import redis_errors
 from ..cron import MISSED_TICK_GRACE, definitions, latest_tick
 from ..exceptions import JobFailed, RedisUnavailable
-from ..plan import Message, plan_create, shown
+from ..options import resolve_flags
+from ..plan import Message, chunked, plan_create, shown
 from ..scripts import REAP_LIMIT, Claimed, Ended
 from ..tombstones import settle
 
@@ -27,13 +28,15 @@ logger = logging.getLogger("kickq_celery")
 
 
 def publish_claims(kq: Kickq, claims: Sequence[Claimed]) -> None:
-    """Publish the messages of claimed jobs (grouped per name), then drop their leases."""
+    """Publish the messages of claimed jobs (grouped per name; those due now ``chunk_size`` to a
+    message, by the name's flags in this worker's options), then drop their leases."""
     groups: dict[tuple[str, float | None], list[Message]] = {}
     for claim in claims:
         groups.setdefault((claim.name, claim.process_timeout), []).append(
             Message(claim.job_id, claim.attempt, claim.countdown, shown(claim.name, claim.data)))
     for (name, process_timeout), messages in groups.items():
-        kq.publisher.publish(kq.queue(name), kq.task_name(name), process_timeout, messages)
+        size = resolve_flags(kq.options, name, {})["chunk_size"]
+        kq.publisher.publish(kq.queue(name), kq.task_name(name), process_timeout, chunked(messages, size))
     kq.store.unpark(claims)
 
 

@@ -4,7 +4,9 @@ A Celery message only wakes a job up; the record in Redis decides. Each
 message carries ``(job_id, attempt)``, and the "start run" script runs the
 handler only when the record exists, is waiting, is at that attempt and a
 ``max_jobs_num`` slot is free. Duplicates (redelivery, visibility timeout,
-a re-published parked job) are dropped there, so the handler runs once.
+a re-published parked job) are dropped there, so the handler runs once. A chunk's
+message, ``(job_id, attempt, more)``, asks for several jobs: each goes through the
+guard in turn, as if its own message had come.
 
 Celery is told what the run was, so its logs, signals, events (Flower) and error
 trackers see the truth: a message that starts no run ends as ``Ignore``, a failed
@@ -31,8 +33,8 @@ import time
 import traceback
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from celery import Task
@@ -45,7 +47,7 @@ from .loops import after_run
 
 if TYPE_CHECKING:
     from ..client import Kickq
-    from ..scripts import Ended
+    from ..scripts import Ended, Started
     from ..store import JobStore
 
 Handler = Callable[[Job], Any]
@@ -66,6 +68,15 @@ class Outcome:
     stopped: bool = False  # stopped by a delete with terminate (its outcome is discarded)
 
 logger = logging.getLogger("kickq_celery")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One job a message asks to run: its id and attempt, and the token of the run it may start."""
+
+    job_id: str
+    attempt: int
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 class _ThreadLoop:
@@ -120,31 +131,96 @@ class KickqTask(Task):  # type: ignore[misc]
     job_name: str
     handler: Handler
 
-    def run_job(self, job_id: str, attempt: int = 1) -> Any:
+    def run_job(self, job_id: str, attempt: int = 1, more: Sequence[Sequence[Any]] = ()) -> Any:
+        if more:
+            return self._run_chunk([Turn(job_id, int(attempt)), *(Turn(str(i), int(a)) for i, a in more)])
+        done, _ = self._run_one(Turn(job_id, int(attempt)))
+        if done is None:
+            raise Ignore()  # a duplicate, a deleted or finished job, one waiting: no success
+        return self._report(*done)
+
+    def _run_one(self, turn: Turn, started: Started | None = None, following: Turn | None = None,
+                 in_chunk: bool = False) -> tuple[tuple[Job, Outcome, Ended] | None, Started | None]:
+        """Start a run of the job if the guard lets it (unless ``started`` already), run and finish
+        it; ``following``: start that job's run with the finish, and reply its start too. Returns
+        (job, outcome, end) or None when the guard said no, and the following job's start."""
         kq = self.kickq
         store = kq.store
         options = kq.options
-        token = uuid.uuid4().hex
-        started = store.start_run(job_id, int(attempt), token, options["lock_timeout"])
+        job_id, token = turn.job_id, turn.token
+        if started is None:
+            started = store.start_run(job_id, turn.attempt, token, options["lock_timeout"])
         while started.status == "early" and started.wait <= 1.0:
             # the message came a moment before the job is due (see lua/start.lua)
             time.sleep(started.wait)
-            started = store.start_run(job_id, int(attempt), token, options["lock_timeout"])
+            started = store.start_run(job_id, turn.attempt, token, options["lock_timeout"])
         if started.status != "run":
             logger.debug("kickq: %s %s not run (%s)", self.job_name, job_id, started.status)
-            raise Ignore()  # a duplicate, a deleted or finished job, one waiting: no success
+            return None, None
         job = Job(job_id, self.job_name, "processing", None, started.data,
                   len(started.runs) + 1, started.runs, from_timestamp(started.created_at),
                   recorder=lambda value_json: store.progress(job_id, token, value_json))
         heartbeat.hold(store, options["lock_timeout"], job_id, token, job)
         try:
+            if in_chunk and started.process_timeout:
+                heartbeat.limit(job_id, started.process_timeout)  # (a chunk's message has no time limit)
             ran = self._run_handler(job)
-            purge = options["purge_timeout"] if options["purge_jobs"] else 0
-            ended = self._finish(store, job_id, token, ran, purge, options["lock_timeout"])
+            ended, after = self._finish(store, turn, ran, following)
         finally:
             heartbeat.release(job_id)
-        after_run(kq, ended, ran.result)
-        return self._report(job, ran, ended)
+        try:
+            after_run(kq, ended, ran.result)
+        except Exception:
+            if after is None or after.status != "run":
+                raise
+            # the next job of the chunk has started: run it (this follow-up is lost either way)
+            logger.exception("kickq: the follow-up of %s %s failed", self.job_name, job_id)
+        return (job, ran, ended), after
+
+    def _run_chunk(self, turns: Sequence[Turn]) -> dict[str, Any]:
+        """Run the jobs of a chunk's message in turn, each as if its own message had come (its
+        guard, limits, heartbeat, process_timeout, retries and delete), a job's finish and the
+        next one's start in one round trip. Celery is told of the chunk: the first final failure
+        of a job (raised once all ran; the others are logged), else the first retry, else the
+        results of the jobs that ran; Ignore when none ran."""
+        results: dict[str, Any] = {}
+        failure: BaseException | None = None
+        retry: Retry | None = None
+        started: Started | None = None
+        store, lock_timeout = self.kickq.store, self.kickq.options["lock_timeout"]
+        # the jobs ahead are held at once (the redelivery sweep may look any moment), then by the
+        # heartbeat while the chunk runs: should this worker die, they are published again
+        store.heartbeat(lock_timeout, [], [turn.job_id for turn in turns[1:]])
+        try:
+            for index, turn in enumerate(turns):
+                heartbeat.hold_ahead(turns[0].token, store, lock_timeout,
+                                     [later.job_id for later in turns[index + 1:]])
+                following = turns[index + 1] if index + 1 < len(turns) else None
+                done, started = self._run_one(turn, started, following, in_chunk=True)
+                if done is None:
+                    continue
+                job = done[0]
+                try:
+                    results[job.id] = self._report(*done)
+                except Ignore:
+                    pass
+                except Retry as exc:
+                    logger.info("kickq: %s", exc)
+                    retry = retry or exc
+                except Exception as exc:
+                    if failure is None:
+                        failure = exc
+                    else:
+                        logger.error("kickq: %s %s run %d failed", job.name, job.id, job.run, exc_info=exc)
+        finally:
+            heartbeat.hold_ahead(turns[0].token, store, lock_timeout, [])
+        if failure is not None:
+            raise failure
+        if retry is not None:
+            raise retry
+        if not results:
+            raise Ignore()
+        return results
 
     def _report(self, job: Job, ran: Outcome, ended: Ended) -> Any:
         """Tell Celery what the run was: return its result, or raise Retry, Ignore or its error."""
@@ -162,20 +238,26 @@ class KickqTask(Task):  # type: ignore[misc]
                         exc=ran.error, when=ended.due_in) from ran.error  # its traceback shows the handler
         raise ran.error  # the final failure (or a deleted job's last run): the handler's own error
 
-    @staticmethod
-    def _finish(store: JobStore, job_id: str, token: str, ran: Outcome, purge: float,
-                patience: float) -> Ended:
-        """The finish script, sent again while Redis is away (or a write did not reach the
-        replicas it must) for up to ``patience`` seconds: the heartbeat still holds the run,
-        and the same finish sent twice counts once."""
-        deadline = time.monotonic() + patience
+    def _finish(self, store: JobStore, turn: Turn, ran: Outcome,
+                following: Turn | None) -> tuple[Ended, Started | None]:
+        """The finish script (with the start of ``following``), sent again while Redis is away (or
+        a write did not reach the replicas it must) for up to lock_timeout: the heartbeat still
+        holds the run, and the same finish (or start) sent twice counts once."""
+        options = self.kickq.options
+        purge = options["purge_timeout"] if options["purge_jobs"] else 0
+        deadline = time.monotonic() + options["lock_timeout"]
         while True:
             try:
-                return store.finish_run(job_id, token, ran.outcome, ran.payload, purge, ran.traceback)
+                if following is None:
+                    return store.finish_run(turn.job_id, turn.token, ran.outcome, ran.payload, purge,
+                                            ran.traceback), None
+                return store.finish_then_start(
+                    turn.job_id, turn.token, ran.outcome, ran.payload, purge, ran.traceback,
+                    (following.job_id, following.attempt, following.token, options["lock_timeout"]))
             except RedisUnavailable:
                 if time.monotonic() > deadline:
                     raise
-                logger.warning("kickq: finishing %s failed, trying again", job_id)
+                logger.warning("kickq: finishing %s failed, trying again", turn.job_id)
                 time.sleep(0.2)
 
     def _run_handler(self, job: Job) -> Outcome:
@@ -212,8 +294,8 @@ def register_task(kq: Kickq, name: str, handler: Handler) -> KickqTask:
     """Register the Celery task (and its queue) of job ``name``."""
     task_name = kq.task_name(name)
 
-    def run(self: KickqTask, job_id: str, attempt: int = 1) -> Any:
-        return self.run_job(job_id, attempt)
+    def run(self: KickqTask, job_id: str, attempt: int = 1, more: Sequence[Sequence[Any]] = ()) -> Any:
+        return self.run_job(job_id, attempt, more)
 
     run.__doc__ = handler.__doc__
     task: KickqTask = kq.app.task(
