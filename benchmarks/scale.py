@@ -66,6 +66,7 @@ def measure(n: int) -> dict[str, Any]:
         rate = n / (time.perf_counter() - start)
         total = int(r.info("memory")["used_memory"]) - before
         messages = int(r.memory_usage(queue, samples=0) or 0)
+        kq.create_many("rare", range(10))  # a name with few jobs among many (after the measure)
         sample = kq.jobs(state="queued", limit=1)[0]
         return {
             "jobs": n,
@@ -78,6 +79,9 @@ def measure(n: int) -> dict[str, Any]:
             "middle_page_ms": round(timed_ms(lambda: kq.jobs(state="queued", offset=n // 2, limit=50)), 2),
             "all_states_last_page_ms": round(timed_ms(lambda: kq.jobs(offset=n - 50, limit=50)), 2),
             "name_filter_first_page_ms": round(timed_ms(lambda: kq.jobs(name="work", limit=50)), 2),
+            "name_filter_middle_page_ms": round(timed_ms(
+                lambda: kq.jobs(name="work", offset=n // 2, limit=50)), 2),
+            "rare_name_page_ms": round(timed_ms(lambda: kq.jobs(name="rare", limit=50)), 2),
             "stats_ms": round(timed_ms(lambda: kq.stats()), 2),
         }
     finally:

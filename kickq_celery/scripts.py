@@ -26,7 +26,7 @@ _LIB = (f"local FLAG_DEFAULTS = [[{json.dumps(FLAG_DEFAULTS)}]]\n"
 #: the scripts that take a call id and keep their reply (see ``replayed`` in lua/lib.lua)
 REPLAYED = ("delete", "reap", "promote", "tick", "limit")
 NAMES = ("create", "start", "finish", "reap", "heartbeat", "delete", "promote", "unpark", "tick",
-         "overdue", "limit", "progress")
+         "overdue", "limit", "progress", "turn")
 #: Each script with the shared helpers (lua/lib.lua) prepended.
 SOURCES = {name: _LIB + resources.files(__package__).joinpath(f"lua/{name}.lua").read_text()
            for name in NAMES}
@@ -229,6 +229,14 @@ def finish(job_id: str, token: str, outcome: str, payload: str, purge: float,
     """End a run; a failed one keeps its traceback on the run."""
     return Call("finish", (job_id, token, outcome, payload, purge, traceback),
                 lambda r: Ended.parse(job_id, r))
+
+
+def turn(job_id: str, token: str, outcome: str, payload: str, purge: float, traceback: str,
+         next_id: str, attempt: int, next_token: str, lock_timeout: float) -> Call[tuple[Ended, Started]]:
+    """End a run (as :func:`finish`) and start the next job's (as :func:`start`) in one call."""
+    return Call("turn", (job_id, token, outcome, payload, purge, traceback, next_id, attempt, next_token,
+                         lock_timeout),
+                lambda reply: (Ended.parse(job_id, reply[0]), Started.parse(reply[1])))
 
 
 def reap(purge: float, limit: int = REAP_LIMIT) -> Call[list[Ended]]:

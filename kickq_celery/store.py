@@ -28,7 +28,7 @@ T = TypeVar("T")
 
 
 #: the calls whose writes ``wait_replicas`` waits for (the others are replayed or recomputed)
-REPLICATED = ("create", "finish")
+REPLICATED = ("create", "finish", "turn")
 #: how long a call that timed out is sent again (with its id) instead of a new one: less than
 #: the two minutes a script keeps its reply
 RESEND_WITHIN = 100.0
@@ -146,10 +146,8 @@ class JobStore(_Store):
     def finish_then_start(self, job_id: str, token: str, outcome: str, payload: str, purge: float,
                           traceback: str, then: tuple[str, int, str, float]) -> tuple[Ended, Started]:
         """End a run and start the next job's (``then``: id, attempt, token, lock_timeout) in one
-        round trip: a chunk's jobs in turn. Both calls may be sent again (see finish.lua, start.lua)."""
-        ended, started = self.run_all([scripts.finish(job_id, token, outcome, payload, purge, traceback),
-                                       scripts.start(*then)])
-        return ended, started
+        call: a chunk's jobs in turn (see lua/turn.lua)."""
+        return self.run(scripts.turn(job_id, token, outcome, payload, purge, traceback, *then))
 
     def reap(self, purge: float, limit: int = scripts.REAP_LIMIT) -> list[Ended]:
         return self.run(scripts.reap(purge, limit))

@@ -209,6 +209,21 @@ def finish_retry(kq: Kickq, fault: Fault) -> dict[str, Any]:
     return {"returned": replace(ended, job_id=""), **snapshot(kq, "fr", [job.id])}
 
 
+def turn(kq: Kickq, fault: Fault) -> dict[str, Any]:
+    """A chunk's finish of one job and start of the next, in one call: sent again after the lost
+    reply, the first job ends once and the next one's run is the one that call started."""
+    first, second = kq.create_many("c", [6, 7], chunk_size=2)
+    assert kq.store.start_run(first.id, 1, "token-1", 30).status == "run"
+    fault.arm("turn")
+    ended, started = kq.store.finish_then_start(first.id, "token-1", "success", "6", 0, "",
+                                                (second.id, 1, "token-2", 30))
+    assert (ended.verdict, ended.final) == ("success", True)
+    assert (started.status, started.data) == ("run", 7)
+    assert kq.redis.hget(kq.keys.job(second.id), "token") == b"token-2"
+    return {"returned": (replace(ended, job_id=""), started.status, started.data, started.runs),
+            **snapshot(kq, "c", [first.id, second.id])}
+
+
 def heartbeat(kq: Kickq, fault: Fault) -> dict[str, Any]:
     job = kq.create("h", 5)
     assert kq.store.start_run(job.id, 1, "token-1", 2).status == "run"
@@ -327,6 +342,7 @@ SCENARIOS: dict[str, tuple[str, Callable[[Kickq, Fault], dict[str, Any]]]] = {
     "start": ("start", start),
     "finish": ("finish", finish),
     "finish-retry": ("finish", finish_retry),
+    "turn": ("turn", turn),
     "heartbeat": ("heartbeat", heartbeat),
     "delete": ("delete", delete),
     "reap": ("reap", reap),
