@@ -147,7 +147,8 @@ def test_jobs_on_rabbitmq_with_an_in_process_worker(rabbit: Rabbit) -> None:
     # no worker yet: the messages wait in RabbitMQ; Redis has the records only
     doomed = kq.create("double", 0)
     kept = kq.create("double", 1)
-    assert queue_depth(rabbit.url, f"{ns}.double") == 2
+    # (RabbitMQ counts a published message a moment after it is sent: no publisher confirms)
+    wait_for(lambda: queue_depth(rabbit.url, f"{ns}.double") == 2, 5, 0.05, "both messages in the queue")
     assert not kq.redis.exists(f"{ns}.double")
     assert kq.delete(doomed.id) is True
 
