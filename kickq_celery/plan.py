@@ -11,6 +11,7 @@ import json
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from . import options as opts
@@ -187,9 +188,10 @@ class CreatePlan:
                             self.tombstone, self.jobs[0], self.flags["priority"],
                             self.flags["concurrency_key"])
 
-    @property
+    @cached_property
     def messages(self) -> list[Message]:
-        """The messages to publish now (none when parked)."""
+        """The messages to publish now (none when parked); made once per plan (its call and its
+        publishing both read them)."""
         if self.park:
             return []
         return chunked([Message(job_id, 1, self.delay, shown(self.name, data))

@@ -155,17 +155,24 @@ def test_a_reaped_run_cannot_record_progress(kickq, kickq_namespace, worker_proc
 # --- delete(terminate=True) -------------------------------------------------------------
 
 
+def _delete_with_terminate(kickq, job) -> float:  # type: ignore[no-untyped-def]
+    """Delete running ``job`` with terminate: its waiter gets JobDeleted at once, not when the run
+    ends. Returns when it was asked (time.monotonic())."""
+    asked = time.monotonic()
+    assert kickq.delete(job.id, terminate=True) is True
+    with pytest.raises(JobDeleted):
+        job.promise.wait()
+    assert time.monotonic() - asked < 1.0
+    return asked
+
+
 def test_terminate_interrupts_a_prefork_run(kickq, kickq_namespace, worker_process):
     ns = kickq_namespace
     worker = worker_process(concurrency=1)
     job = kickq.create("control_sleeper", 60, tombstone=True, tombstone_timeout=60,
                        retry=True, retry_count=3, retry_interval=0)
     (_, pid), = wait_for(lambda: started(kickq, ns, job.id), 15, 0.05, "the run to start")
-    asked = time.monotonic()
-    assert kickq.delete(job.id, terminate=True) is True
-    with pytest.raises(JobDeleted):
-        job.promise.wait()
-    assert time.monotonic() - asked < 1.0  # the waiter knows at once, not when the run ends
+    asked = _delete_with_terminate(kickq, job)
     wait_for(lambda: "finally" in marks(kickq, ns, job.id), LOCK_TIMEOUT + SLACK, 0.02,
              "the handler to be interrupted")
     took = time.monotonic() - asked
@@ -185,11 +192,7 @@ def _terminate_on_threads(kickq, ns, worker_process):
     job = kickq.create("control_watch", {"stop": True, "for": 30}, tombstone=True, tombstone_timeout=60,
                        retry=True, retry_count=3, retry_interval=0)
     wait_for(lambda: started(kickq, ns, job.id), 15, 0.05, "the run to start")
-    asked = time.monotonic()
-    assert kickq.delete(job.id, terminate=True) is True
-    with pytest.raises(JobDeleted):
-        job.promise.wait()
-    assert time.monotonic() - asked < 1.0  # the waiter knows at once, not when the run ends
+    asked = _delete_with_terminate(kickq, job)
     wait_for(lambda: "deleted" in marks(kickq, ns, job.id), LOCK_TIMEOUT + SLACK, 0.02,
              "the handler to see job.deleted")
     took = time.monotonic() - asked
