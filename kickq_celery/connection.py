@@ -87,7 +87,7 @@ def _sentinel_client(url: str, timeout: float) -> redis.Redis:
     sentinel = Sentinel(_hosts(netloc, 26379),
                         sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout},
                         **_common(timeout))
-    extra = {"ssl": True} if query.get("ssl") in ("1", "true", "yes") else {}
+    extra: dict[str, Any] = {"ssl": True} if query.get("ssl") in ("1", "true", "yes") else {}
     client: redis.Redis = sentinel.master_for(path[0], db=db, username=user, password=password, **extra)
     follow_failovers(client)
     return client

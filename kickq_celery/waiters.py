@@ -133,7 +133,7 @@ def _client_factory(backend: Backend) -> tuple[str, Callable[[], redis.asyncio.R
         credentials = {k: master.pop(k) for k in ("username", "password") if k in master}
 
         def sentinel_client() -> redis.asyncio.Redis:
-            sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call, unused-ignore]  # (typed in redis-py 8.2)
                 addresses, min_other_sentinels=others, sentinel_kwargs=sentinel_kwargs, **master)
             client: redis.asyncio.Redis = sentinel.master_for(service, retry=_no_retry(), **credentials)
             return client
@@ -390,7 +390,7 @@ class Listener:
                 reader.cancel()
             self._wake()
         try:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # (typed in redis-py 8.2)
         except Exception as exc:
             logger.debug("kickq: closing a tombstone listener connection: %s", exc)
 
@@ -405,7 +405,7 @@ class Listener:
         await asyncio.gather(*tasks, return_exceptions=True)
         try:
             if self._pubsub is not None:
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # (typed in redis-py 8.2)
             await self._client.aclose()
             pool = self._client.connection_pool
             for sentinel in getattr(getattr(pool, "sentinel_manager", None), "sentinels", ()):
