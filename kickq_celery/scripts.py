@@ -8,6 +8,7 @@ later) shares one definition of each transition.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,13 +23,32 @@ T = TypeVar("T")
 
 _LIB = (f"local FLAG_DEFAULTS = [[{json.dumps(FLAG_DEFAULTS)}]]\n"
         + resources.files(__package__).joinpath("lua/lib.lua").read_text())
+#: where a top-level definition of lib.lua starts
+_DEFINITION = re.compile(r"^local (?:function )?(\w+)", re.M)
+
+
+def with_lib(body: str) -> str:
+    """A script's body after the definitions of lib.lua it uses, directly or through others.
+    Redis runs the whole text at every call, so each helper left out is work saved per call.
+    (A definition only uses earlier ones: one pass from the last finds them all.)"""
+    starts = [m.start() for m in _DEFINITION.finditer(_LIB)]
+    pieces = [_LIB[a:b] for a, b in zip(starts, [*starts[1:], len(_LIB)], strict=True)]
+    used = set(re.findall(r"\w+", body))
+    kept = []
+    for piece in reversed(pieces):
+        name = _DEFINITION.match(piece).group(1)  # type: ignore[union-attr]
+        if name in used:
+            kept.append(piece)
+            used.update(re.findall(r"\w+", piece))
+    return "".join(reversed(kept)) + body
+
 
 #: the scripts that take a call id and keep their reply (see ``replayed`` in lua/lib.lua)
 REPLAYED = ("delete", "reap", "promote", "tick", "limit")
 NAMES = ("create", "start", "finish", "reap", "heartbeat", "delete", "promote", "unpark", "tick",
          "overdue", "limit", "progress", "turn")
-#: Each script with the shared helpers (lua/lib.lua) prepended.
-SOURCES = {name: _LIB + resources.files(__package__).joinpath(f"lua/{name}.lua").read_text()
+#: Each script with the shared helpers it uses (lua/lib.lua) before it.
+SOURCES = {name: with_lib(resources.files(__package__).joinpath(f"lua/{name}.lua").read_text())
            for name in NAMES}
 
 
@@ -220,8 +240,9 @@ def create(name: str, flags_json: str, process_timeout: float | None, tombstone:
     return Call("create", (*header, *items), Created.parse, (queue,))
 
 
-def start(job_id: str, attempt: int, token: str, lock_timeout: float) -> Call[Started]:
-    return Call("start", (job_id, attempt, token, lock_timeout), Started.parse)
+def start(job_id: str, attempt: int, token: str, lock_timeout: float, chunked: bool = False) -> Call[Started]:
+    """Start a run if the guard lets it; ``chunked``: one of a chunk's jobs (held ahead by it)."""
+    return Call("start", (job_id, attempt, token, lock_timeout, "1" if chunked else ""), Started.parse)
 
 
 def finish(job_id: str, token: str, outcome: str, payload: str, purge: float,

@@ -19,7 +19,7 @@ from redis.cluster import RedisCluster
 from . import scripts
 from .connection import AsyncClient, Client, masked_url, redis_errors, redis_now
 from .exceptions import ConfigError, RedisUnavailable
-from .keys import FINAL_STATES, STATES, Keys
+from .keys import ACTIVE_STATES, FINAL_STATES, STATES, Keys
 from .options import Limits
 from .records import JobRecord
 from .scripts import CREATE_CHUNK, CREATE_HEADER, Call, Claimed, Deleted, Ended, Started, text
@@ -136,8 +136,9 @@ class JobStore(_Store):
 
     # --- transitions -------------------------------------------------------
 
-    def start_run(self, job_id: str, attempt: int, token: str, lock_timeout: float) -> Started:
-        return self.run(scripts.start(job_id, attempt, token, lock_timeout))
+    def start_run(self, job_id: str, attempt: int, token: str, lock_timeout: float,
+                  chunked: bool = False) -> Started:
+        return self.run(scripts.start(job_id, attempt, token, lock_timeout, chunked))
 
     def finish_run(self, job_id: str, token: str, outcome: str, payload: str, purge: float,
                    traceback: str = "") -> Ended:
@@ -352,6 +353,8 @@ def queue_stats(keys: Keys, pipe: Any, names: Sequence[str], now: float) -> None
     """Queue the reads of :func:`parse_stats` on a pipeline (sync or asyncio)."""
     for name in names:
         pipe.hgetall(keys.stats(name))
+        for state in ACTIVE_STATES:  # the gauges: how many jobs of the name are in each state
+            pipe.zcard(keys.name_index(state, name))
         # the latest 500 (the scripts trim the lists to that now and then)
         pipe.lrange(keys.process_times(name), 0, 499)
         pipe.lrange(keys.wait_times(name), 0, 499)
@@ -362,10 +365,12 @@ def queue_stats(keys: Keys, pipe: Any, names: Sequence[str], now: float) -> None
 def parse_stats(names: Sequence[str], replies: Sequence[Any], now: float) -> dict[str, dict[str, Any]]:
     """What :func:`queue_stats` read, per name."""
     result = {}
+    per_name = 6 + len(ACTIVE_STATES)
     for i, name in enumerate(names):
-        counters, ptimes, wtimes, done, _, workers = replies[6 * i: 6 * i + 6]
+        counters, *gauges, ptimes, wtimes, done, _, workers = replies[per_name * i: per_name * (i + 1)]
         result[name] = {
-            "counters": {text(k): int(v) for k, v in counters.items()},
+            "counters": {**{text(k): int(v) for k, v in counters.items()},
+                         **dict(zip(ACTIVE_STATES, map(int, gauges), strict=True))},
             "process_times": [float(x) for x in ptimes],
             "wait_times": [float(x) for x in wtimes],
             # minute buckets; "s<second>" fields are the per-second buckets

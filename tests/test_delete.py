@@ -86,7 +86,7 @@ def test_deleted_delayed_job_never_runs_across_a_killed_worker(kickq, kickq_name
     a delayed job's message; by default it is published when due.)"""
     delay = 3.0
     Kickq.config(delay_horizon=5)
-    first = worker_process(concurrency=1)
+    first = worker_process(concurrency=1, delay_horizon=5)
     job = kickq.create("record", "deleted", delay=delay)
     received = f"{kickq.task_name('record')}[{job.id}] received"
     wait_for(lambda: received in first.log.read_text(errors="replace"), 10, 0.1,
@@ -95,7 +95,7 @@ def test_deleted_delayed_job_never_runs_across_a_killed_worker(kickq, kickq_name
     assert kickq.delete(job.id) is True
     # a short visibility timeout, swept every second: the new worker restores the dead worker's
     # unacked message however soon after the kill it starts
-    second = worker_process(concurrency=1, visibility_timeout=1, restore_interval=1)
+    second = worker_process(concurrency=1, visibility_timeout=1, restore_interval=1, delay_horizon=5)
     wait_for(lambda: received in second.log.read_text(errors="replace"), 15, 0.1,
              "the message to be redelivered to the new worker")
     done = f"{kickq.task_name('record')}[{job.id}] ignored"

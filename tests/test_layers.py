@@ -15,7 +15,7 @@ LAYERS = {
     "bottom": ["options", "keys", "records", "stats", "exceptions"],
     "core": ["plan", "scripts", "settings"],
     "io": ["connection", "store", "publisher", "tombstones", "cron", "waiters", "promise", "registry"],
-    "worker": ["worker.heartbeat", "worker.loops", "worker.task", "worker.bootstep"],
+    "worker": ["worker.heartbeat", "worker.loops", "worker.task", "worker.consumer", "worker.bootstep"],
     "client": ["client", "tasks"],
     "edges": ["cli", "prometheus", "testing", "harness", "embedded"],
 }

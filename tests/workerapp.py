@@ -42,6 +42,8 @@ if os.environ.get("KICKQ_TEST_MASTER_NAME"):
 kq = Kickq(app, redis=REDIS_URL, redis_namespace=NAMESPACE, poll_interval=0.2,
            lock_timeout=float(os.environ.get("KICKQ_TEST_LOCK_TIMEOUT", "3")),
            redis_wait_replicas=int(os.environ.get("KICKQ_TEST_WAIT_REPLICAS", "0")),
+           # a worker shares its producers' delay_horizon: with one, its queues keep kombu's acks
+           delay_horizon=float(os.environ.get("KICKQ_TEST_DELAY_HORIZON", "0")),
            # this worker's promoter publishes the due bursts of chunked_burst that many to a
            # Celery message (tests/test_chunks.py)
            job_flags={"chunked_burst": {"chunk_size": int(os.environ.get("KICKQ_TEST_CHUNK_SIZE", "1"))}})
@@ -56,6 +58,13 @@ def _records_client(**kwargs):  # type: ignore[no-untyped-def]
 
 r = _records_client()
 PREFIX = f"test:{NAMESPACE}:"
+
+
+@app.task(name="tests.raw_record")
+def raw_record(value):
+    """A plain Celery task beside the kickq jobs: it keeps kombu's acks (tests/test_consumer.py)."""
+    r.rpush(PREFIX + "raw", str(value))
+    return value
 
 
 @kq.process("record")

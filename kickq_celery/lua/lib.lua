@@ -45,22 +45,17 @@ local function name_index(state, name)
   return P .. 'nidx:' .. state .. ':' .. #name .. ':' .. name
 end
 
--- Move a job between state indexes and gauges; old or new may be false. Running jobs
--- are indexed by `active` (their heartbeat deadlines), not by an idx: set, and by their name's.
+-- Move a job between state indexes; old or new may be false. Running jobs are indexed by
+-- `active` (their heartbeat deadlines), not by an idx: set, and by their name's. (The stats'
+-- gauges of a name, queued to processing, are the sizes of its name indexes: no counter to keep.)
 local function move(id, name, old, new, score)
   if old then
     if old ~= 'processing' then redis.call('ZREM', P .. 'idx:' .. old, id) end
     redis.call('ZREM', name_index(old, name), id)
-    if old == 'processing' or waiting(old) then
-      redis.call('HINCRBY', P .. 'stats:' .. name, old, '-1')
-    end
   end
   if new then
     if new ~= 'processing' then redis.call('ZADD', P .. 'idx:' .. new, score, id) end
     redis.call('ZADD', name_index(new, name), score, id)
-    if new == 'processing' or waiting(new) then
-      redis.call('HINCRBY', P .. 'stats:' .. name, new, '1')
-    end
   end
 end
 
@@ -150,7 +145,6 @@ local function create_jobs(name, flags, ptimeout, tombstone, delay, parked, prio
   else
     for i = first, #ARGV, 2 do write(ARGV[i], ARGV[i + 1]) end
   end
-  redis.call('HINCRBY', P .. 'stats:' .. name, state, n)
   redis.call('HINCRBY', P .. 'stats:' .. name, 'created', n)
   redis.call('SADD', P .. 'names', name)
   return {ts, existing}
@@ -240,12 +234,13 @@ end
 -- Count one completion in per-minute buckets (field: minute number, for the last hour)
 -- and per-second buckets (field: 's' .. second, so the last minute is exact);
 -- drop expired buckets once there are clearly more than the 61 + 60 in use.
--- Returns true for the first completion in this second (when housekeeping is due).
+-- Returns how many completions of the name this second has counted (1: housekeeping is due).
 local function completed(name, t, ts)
   local key = P .. 'done:' .. name
   local minute, second = math.floor(t / 60), math.floor(t)
   redis.call('HINCRBY', key, string.format('%d', minute), '1')
-  if redis.call('HINCRBY', key, 's' .. string.match(ts, '^%d+'), '1') > 1 then return false end
+  local count = redis.call('HINCRBY', key, 's' .. string.match(ts, '^%d+'), '1')
+  if count > 1 then return count end
   if redis.call('HLEN', key) > 160 then
     for _, f in ipairs(redis.call('HKEYS', key)) do
       if string.sub(f, 1, 1) == 's' then
@@ -255,7 +250,16 @@ local function completed(name, t, ts)
       end
     end
   end
-  return true
+  return count
+end
+
+-- Keep a run's process time (`took`), and the job's wait for its first run (`waited`, or nil),
+-- in the samples of the stats' percentiles: every run while its name completes up to 10 jobs
+-- in a second, then one in ten (`count`: the name's completions this second; 0 = not final).
+local function sample_run(name, took, waited, count)
+  if count > 10 and count % 10 ~= 0 then return end
+  sample(P .. 'ptimes:' .. name, took)
+  if waited then sample(P .. 'wtimes:' .. name, waited) end
 end
 
 -- End the current run of job `id` with outcome success | fail | ghost and decide
@@ -266,7 +270,7 @@ end
 local function end_run(id, outcome, payload, t, ts, purge, token, tb)
   local key = P .. 'job:' .. id
   local f = redis.call('HMGET', key, 'name', 'state', 'runs', 'started_at', 'deleted',
-    'total_process_time', 'attempt', 'tombstone', 'token', 'ckey', 'terminate')
+    'total_process_time', 'attempt', 'tombstone', 'token', 'ckey', 'terminate', 'slot', 'created_at')
   if token and (f[9] ~= token or f[2] ~= 'processing') then return nil end
   local name = f[1]
   local duration = math.max(0, t - tonumber(f[4]))
@@ -280,7 +284,10 @@ local function end_run(id, outcome, payload, t, ts, purge, token, tb)
   local runs = (earlier == 0 and '[' or string.sub(f[3], 1, -2) .. ',') .. run .. '}]'
   redis.call('ZREM', P .. 'active', id)
   local released = false
-  if redis.call('SREM', P .. 'running:' .. name, id) == 1 then released = release(name, ts) end
+  -- (a run that took no max_jobs_num slot says so: see start_run)
+  if f[12] ~= '0' and redis.call('SREM', P .. 'running:' .. name, id) == 1 then
+    released = release(name, ts)
+  end
   if f[10] and redis.call('SREM', (keyed(name, f[10])), id) == 1 then
     released = release_key(name, f[10], ts) or released
   end
@@ -291,7 +298,7 @@ local function end_run(id, outcome, payload, t, ts, purge, token, tb)
     redis.call('DEL', key)
     return {'deleted', released, '0', f[8], f[7], '', f[11] == '1' and '1' or '0'}
   end
-  sample(P .. 'ptimes:' .. name, took)
+  local waited = earlier == 0 and fmt(tonumber(f[4]) - tonumber(f[13])) or nil
   local stats = P .. 'stats:' .. name
   local verdict, due = outcome, nil
   local fields = {'runs', runs, 'updated_at', ts,
@@ -342,13 +349,15 @@ local function end_run(id, outcome, payload, t, ts, purge, token, tb)
   if token then add('ended', cjson.encode(reply)) end
   redis.call('HSET', key, unpack(fields))
   if due then
+    sample_run(name, took, waited, 0)
     park(id, due)
     move(id, name, 'processing', verdict, due)
     return reply
   end
   -- final: success or fail
   redis.call('HINCRBY', stats, verdict == 'success' and 'succeeded' or 'failed', '1')
-  local housekeeping = completed(name, t, ts)
+  local count = completed(name, t, ts)
+  sample_run(name, took, waited, count)
   local expiry = '+inf'
   if purge > 0 then
     redis.call('PEXPIRE', key, string.format('%d', purge * 1000))
@@ -356,15 +365,16 @@ local function end_run(id, outcome, payload, t, ts, purge, token, tb)
   end
   move(id, name, 'processing', verdict, expiry)
   -- drop index entries of purged records (once a second; the reaper does the rest)
-  if housekeeping then
+  if count == 1 then
     trim_index(verdict, ts, 100)
     trim_index(verdict, ts, 100, name)
   end
   return reply
 end
 
--- The run guard (see start.lua): start a run of job `id` at `attempt` with `token`, if it may.
-local function start_run(id, attempt, token, lock_timeout)
+-- The run guard (see start.lua): start a run of job `id` at `attempt` with `token`, if it may;
+-- `ahead`: the job may be held ahead by its chunk (see heartbeat.lua), which its start releases.
+local function start_run(id, attempt, token, lock_timeout, ahead)
   local key = P .. 'job:' .. id
   local f = redis.call('HMGET', key, 'name', 'state', 'attempt', 'deleted', 'ptimeout',
     'created_at', 'started_at', 'scheduled_for', 'token', 'data', 'runs', 'priority', 'ckey')
@@ -420,11 +430,15 @@ local function start_run(id, attempt, token, lock_timeout)
     deadline = math.min(deadline, cap)
     fields[9], fields[10] = 'deadline_cap', fmt(cap)
   end
-  if not f[7] then sample(P .. 'wtimes:' .. name, fmt(t - tonumber(f[6]))) end
+  -- slots are counted only for limited names (a limit set later counts runs from then on)
+  local slot = '0'
+  if limits and limits.max then
+    redis.call('SADD', P .. 'running:' .. name, id)
+    slot = '1'
+  end
+  fields[#fields + 1], fields[#fields + 2] = 'slot', slot
   redis.call('HSET', key, unpack(fields))
   redis.call('ZADD', P .. 'active', fmt(deadline), id)
-  -- slots are counted only for limited names (a limit set later counts runs from then on)
-  if limits and limits.max then redis.call('SADD', P .. 'running:' .. name, id) end
   -- (a lease left in `delayed` by a promoter is dropped by it, or by the next promote pass)
   if limits then redis.call('ZREM', P .. 'waiting:' .. name, id) end
   if krun then
@@ -432,7 +446,7 @@ local function start_run(id, attempt, token, lock_timeout)
     redis.call('ZREM', kwait, id)
   end
   move(id, name, f[2], 'processing', ts)
-  redis.call('ZREM', P .. 'ahead', id)  -- (reached by its chunk)
+  if ahead then redis.call('ZREM', P .. 'ahead', id) end  -- (reached by its chunk)
   return {'run', f[10], f[11], f[6], ts, f[5] or ''}
 end
 

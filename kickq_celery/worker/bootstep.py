@@ -15,6 +15,7 @@ from celery import bootsteps
 
 from ..options import Limits
 from ..registry import instances
+from .consumer import AcklessConsumer
 
 # loops imports cron, and so croniter, here in the main thread, never lazily in the loop
 # thread: croniter's import runs a subprocess (platform.architecture), and a prefork pool
@@ -163,6 +164,8 @@ class KickqStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
 
 def install(app: Any) -> None:
-    """Add the step to ``app``'s workers (idempotent)."""
+    """Add the steps to ``app``'s workers and their consumers (idempotent)."""
     if KickqStep not in app.steps["worker"]:
         app.steps["worker"].add(KickqStep)
+    if AcklessConsumer not in app.steps["consumer"]:
+        app.steps["consumer"].add(AcklessConsumer)
