@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from kickq_celery import Kickq
+from kickq_celery import Kickq, scripts
 from kickq_celery.testing import purge_namespace, wait_for
 
 SLEEPS = [0.05, 0.08, 0.1, 0.15, 0.2]
@@ -137,11 +137,32 @@ def test_stats_to_dict_is_json_serializable(kickq, kickq_worker):
 
 def test_timing_samples_are_the_latest_500_runs(kickq):
     store = kickq.store
-    jobs = kickq.create_many("sampled", [None] * 650)
-    for job in jobs:
-        assert store.start_run(job.id, 1, "token", 30).status == "run"
-        assert store.finish_run(job.id, "token", "success", "null", 600).verdict == "success"
+    jobs = kickq.create_many("sampled", [None] * 6000)
+    # in two round trips: thousands of completions a second, so one run in ten is sampled
+    assert {s.status for s in store.run_all([scripts.start(job.id, 1, "t", 30) for job in jobs])} == {"run"}
+    ended = store.run_all([scripts.finish(job.id, "t", "success", "null", 600) for job in jobs])
+    assert {e.verdict for e in ended} == {"success"}
     raw = store.raw_stats(["sampled"])["sampled"]
     assert len(raw["process_times"]) == len(raw["wait_times"]) == 500
     assert kickq.redis.llen(kickq.keys.process_times("sampled")) <= 600  # trimmed now and then
-    assert kickq.stats("sampled").total.succeeded == 650
+    assert kickq.stats("sampled").total.succeeded == 6000
+
+
+def test_timing_samples_keep_every_run_up_to_10_completions_a_second_then_one_in_ten(kickq):
+    store = kickq.store
+    slow = kickq.create_many("trickle", [None] * 6)
+    for job in slow:  # a few a second: each one is sampled
+        assert store.start_run(job.id, 1, "t", 30).status == "run"
+        time.sleep(0.2)
+        assert store.finish_run(job.id, "t", "success", "null", 600).verdict == "success"
+    raw = store.raw_stats(["trickle"])["trickle"]
+    assert len(raw["process_times"]) == len(raw["wait_times"]) == 6
+    assert min(raw["process_times"]) >= 0.2
+
+    fast = kickq.create_many("burst", [None] * 400)
+    store.run_all([scripts.start(job.id, 1, "t", 30) for job in fast])
+    started = time.monotonic()
+    store.run_all([scripts.finish(job.id, "t", "success", "null", 600) for job in fast])
+    seconds = int(time.monotonic() - started) + 2  # the burst spans at most this many seconds
+    kept = len(store.raw_stats(["burst"])["burst"]["process_times"])
+    assert 40 <= kept <= seconds * 10 + 40, kept  # 10 a second, then every 10th completion
