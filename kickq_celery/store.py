@@ -362,6 +362,19 @@ def queue_stats(keys: Keys, pipe: Any, names: Sequence[str], now: float) -> None
         queue_live_workers(keys, pipe, name, now)
 
 
+def completions(done: dict[Any, Any]) -> dict[int, int]:
+    """The minute buckets of a name's completions (see ``completed`` in lua/lib.lua): the
+    number fields, and the second named by "last", not yet added to its minute ("s<second>"
+    fields are the per-second buckets)."""
+    fields = {text(k): int(v) for k, v in done.items()}
+    minutes = {int(k): v for k, v in fields.items() if k.isdigit()}
+    last = fields.get("last")
+    if last is not None:
+        minute = last // 60
+        minutes[minute] = minutes.get(minute, 0) + fields.get(f"s{last}", 0)
+    return minutes
+
+
 def parse_stats(names: Sequence[str], replies: Sequence[Any], now: float) -> dict[str, dict[str, Any]]:
     """What :func:`queue_stats` read, per name."""
     result = {}
@@ -373,8 +386,7 @@ def parse_stats(names: Sequence[str], replies: Sequence[Any], now: float) -> dic
                          **dict(zip(ACTIVE_STATES, map(int, gauges), strict=True))},
             "process_times": [float(x) for x in ptimes],
             "wait_times": [float(x) for x in wtimes],
-            # minute buckets; "s<second>" fields are the per-second buckets
-            "completions": {int(k): int(v) for k, v in done.items() if not text(k).startswith("s")},
+            "completions": completions(done),
             "recent": {int(text(k)[1:]): int(v) for k, v in done.items() if text(k).startswith("s")},
             "workers": [text(m) for m in workers],
             "now": now,

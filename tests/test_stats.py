@@ -166,3 +166,23 @@ def test_timing_samples_keep_every_run_up_to_10_completions_a_second_then_one_in
     seconds = int(time.monotonic() - started) + 2  # the burst spans at most this many seconds
     kept = len(store.raw_stats(["burst"])["burst"]["process_times"])
     assert 40 <= kept <= seconds * 10 + 40, kept  # 10 a second, then every 10th completion
+
+
+def test_a_second_of_completions_goes_into_its_minute_when_the_next_second_with_one_comes(kickq):
+    store = kickq.store
+
+    def complete(n):
+        for job in kickq.create_many("counted", [None] * n):
+            assert store.start_run(job.id, 1, "t", 30).status == "run"
+            assert store.finish_run(job.id, "t", "success", "null", 600).verdict == "success"
+
+    complete(3)
+    first = kickq.redis.hgetall(kickq.keys.completions("counted"))
+    time.sleep(1.1)
+    complete(2)
+    done = {k.decode(): int(v) for k, v in kickq.redis.hgetall(kickq.keys.completions("counted")).items()}
+    # the first second's 3 are in their minute's bucket now; the latest second is named "last"
+    assert sum(v for k, v in done.items() if k.isdigit()) == 3, (first, done)
+    assert done[f"s{done['last']}"] == 2
+    stats = kickq.stats("counted").total
+    assert (stats.completed_last_minute, stats.completed_last_hour) == (5, 5)

@@ -231,21 +231,26 @@ local function trim_index(state, ts, limit, name)
   return #stale
 end
 
--- Count one completion in per-minute buckets (field: minute number, for the last hour)
--- and per-second buckets (field: 's' .. second, so the last minute is exact);
--- drop expired buckets once there are clearly more than the 61 + 60 in use.
+-- Count one completion in per-second buckets (field: 's' .. second, so the last minute is exact)
+-- and per-minute ones (field: minute number, for the last hour). A second's count goes into its
+-- minute when the next second with a completion comes (field 'last' names the second not yet
+-- added: readers add it), so a completion costs one call; drop expired buckets once there are
+-- clearly more than the 61 + 60 in use.
 -- Returns how many completions of the name this second has counted (1: housekeeping is due).
 local function completed(name, t, ts)
   local key = P .. 'done:' .. name
-  local minute, second = math.floor(t / 60), math.floor(t)
-  redis.call('HINCRBY', key, string.format('%d', minute), '1')
-  local count = redis.call('HINCRBY', key, 's' .. string.match(ts, '^%d+'), '1')
+  local minute, second = math.floor(t / 60), string.match(ts, '^%d+')
+  local count = redis.call('HINCRBY', key, 's' .. second, '1')
   if count > 1 then return count end
+  local last = redis.call('HGET', key, 'last')
+  local n = last and redis.call('HGET', key, 's' .. last)
+  if n then redis.call('HINCRBY', key, string.format('%d', math.floor(tonumber(last) / 60)), n) end
+  redis.call('HSET', key, 'last', second)
   if redis.call('HLEN', key) > 160 then
     for _, f in ipairs(redis.call('HKEYS', key)) do
       if string.sub(f, 1, 1) == 's' then
-        if tonumber(string.sub(f, 2)) <= second - 60 then redis.call('HDEL', key, f) end
-      elseif tonumber(f) < minute - 60 then
+        if tonumber(string.sub(f, 2)) <= tonumber(second) - 60 then redis.call('HDEL', key, f) end
+      elseif f ~= 'last' and tonumber(f) < minute - 60 then
         redis.call('HDEL', key, f)
       end
     end
@@ -253,13 +258,13 @@ local function completed(name, t, ts)
   return count
 end
 
--- Keep a run's process time (`took`), and the job's wait for its first run (`waited`, or nil),
+-- Keep a run's process time (`took`, text), and the job's wait for its first run (`waited`, or nil),
 -- in the samples of the stats' percentiles: every run while its name completes up to 10 jobs
 -- in a second, then one in ten (`count`: the name's completions this second; 0 = not final).
 local function sample_run(name, took, waited, count)
   if count > 10 and count % 10 ~= 0 then return end
   sample(P .. 'ptimes:' .. name, took)
-  if waited then sample(P .. 'wtimes:' .. name, waited) end
+  if waited then sample(P .. 'wtimes:' .. name, fmt(waited)) end
 end
 
 -- End the current run of job `id` with outcome success | fail | ghost and decide
@@ -277,7 +282,8 @@ local function end_run(id, outcome, payload, t, ts, purge, token, tb)
   local took = fmt(duration)
   -- the run appended to the runs JSON as text: decoding and encoding the list costs more
   local earlier = (not f[3] or f[3] == '[]') and 0 or #cjson.decode(f[3])
-  local run = '{"number":' .. (earlier + 1) .. ',"started_at":' .. f[4] .. ',"duration":'
+  local number = earlier == 0 and '1' or tostring(earlier + 1)
+  local run = '{"number":' .. number .. ',"started_at":' .. f[4] .. ',"duration":'
     .. took .. ',"state":"' .. outcome .. '"'
   if outcome ~= 'success' then run = run .. ',"error":' .. cjson.encode(payload) end
   if tb and tb ~= '' then run = run .. ',"traceback":' .. cjson.encode(tb) end
@@ -298,11 +304,11 @@ local function end_run(id, outcome, payload, t, ts, purge, token, tb)
     redis.call('DEL', key)
     return {'deleted', released, '0', f[8], f[7], '', f[11] == '1' and '1' or '0'}
   end
-  local waited = earlier == 0 and fmt(tonumber(f[4]) - tonumber(f[13])) or nil
+  local waited = earlier == 0 and tonumber(f[4]) - tonumber(f[13]) or nil
   local stats = P .. 'stats:' .. name
   local verdict, due = outcome, nil
   local fields = {'runs', runs, 'updated_at', ts,
-    'total_process_time', fmt(tonumber(f[6] or 0) + duration)}
+    'total_process_time', f[6] and fmt(tonumber(f[6]) + duration) or took}
   local function add(...)
     for _, v in ipairs({...}) do fields[#fields + 1] = v end
   end
