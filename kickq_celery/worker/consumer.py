@@ -3,7 +3,8 @@ ack emulation.
 
 kombu's Redis transport copies every message it hands a worker into its ``unacked`` hash
 (and index) and deletes it again at the ack: two extra round trips of the worker's main
-process per message, most of what it spends on one, and the copy is only read back after
+process per message, nearly half of its time on one (py-spy, a worker draining no-op jobs),
+and the copy is only read back after
 the ``visibility_timeout`` (an hour by default). A kickq job does not need it: its record
 decides whether it runs, and the redelivery sweep (worker/loops.py) publishes the message
 of a due job again once it is overdue by ``2 x lock_timeout`` (+ the horizon).
@@ -34,8 +35,10 @@ logger = logging.getLogger("kickq_celery")
 
 def ackless_queues(c: Any) -> list[Any]:
     """The queues of the main task consumer of Celery consumer ``c`` that kickq may consume
-    without ack emulation (see the module doc); none without an event loop or a Redis broker."""
-    if c.hub is None or c.connection.transport.driver_type != "redis":
+    without ack emulation (see the module doc); none without an event loop or a Redis broker,
+    nor with Celery's ``worker_disable_prefetch`` (Celery applies it to its own consumer)."""
+    if (c.hub is None or c.connection.transport.driver_type != "redis"
+            or c.app.conf.get("worker_disable_prefetch")):
         return []
     consumed = {queue.name: queue for queue in c.task_consumer.queues}
     found: dict[str, Any] = {}
