@@ -58,6 +58,8 @@ def horizon(options: Mapping[str, Any], conf: Any) -> float:
     waits in a worker long enough to be redelivered.
     """
     value = float(options["delay_horizon"])
+    if value <= 0:
+        return 0.0  # (the default: read on every create, so the broker's settings are not)
     broker = conf.broker_url or ""
     if isinstance(broker, str) and broker.startswith(("redis", "sentinel")):
         transport = conf.broker_transport_options or {}
