@@ -304,7 +304,7 @@ local function end_run(id, outcome, payload, t, ts, purge, token, tb)
     redis.call('DEL', key)
     return {'deleted', released, '0', f[8], f[7], '', f[11] == '1' and '1' or '0'}
   end
-  local waited = earlier == 0 and tonumber(f[4]) - tonumber(f[13]) or nil
+  local waited = earlier == 0 and f[13] and tonumber(f[4]) - tonumber(f[13]) or nil
   local stats = P .. 'stats:' .. name
   local verdict, due = outcome, nil
   local fields = {'runs', runs, 'updated_at', ts,

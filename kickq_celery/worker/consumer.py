@@ -4,10 +4,10 @@ ack emulation.
 kombu's Redis transport copies every message it hands a worker into its ``unacked`` hash
 (and index) and deletes it again at the ack: two extra round trips of the worker's main
 process per message, nearly half of its time on one (py-spy, a worker draining no-op jobs),
-and the copy is only read back after
-the ``visibility_timeout`` (an hour by default). A kickq job does not need it: its record
-decides whether it runs, and the redelivery sweep (worker/loops.py) publishes the message
-of a due job again once it is overdue by ``2 x lock_timeout`` (+ the horizon).
+and the copy is only read back after the ``visibility_timeout`` (an hour by default). A
+kickq job does not need it: its record decides whether it runs, and the redelivery sweep
+(worker/loops.py) publishes the message of a due job again once it is overdue by
+``2 x lock_timeout`` (+ the horizon).
 
 So, in a worker with an event loop (prefork, threads, solo) on a Redis broker, the queues
 of job names that the sweep watches (kickq's Redis is the broker, ``delay_horizon`` 0: no
