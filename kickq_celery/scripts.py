@@ -25,18 +25,19 @@ _LIB = (f"local FLAG_DEFAULTS = [[{json.dumps(FLAG_DEFAULTS)}]]\n"
         + resources.files(__package__).joinpath("lua/lib.lua").read_text())
 #: where a top-level definition of lib.lua starts
 _DEFINITION = re.compile(r"^local (?:function )?(\w+)", re.M)
+_STARTS = [m.start() for m in _DEFINITION.finditer(_LIB)]
+#: lib.lua cut at its top-level definitions: (the name defined, its text), in order
+_PIECES = [(_DEFINITION.match(_LIB, a).group(1), _LIB[a:b])  # type: ignore[union-attr]
+           for a, b in zip(_STARTS, [*_STARTS[1:], len(_LIB)], strict=True)]
 
 
 def with_lib(body: str) -> str:
     """A script's body after the definitions of lib.lua it uses, directly or through others.
     Redis runs the whole text at every call, so each helper left out is work saved per call.
     (A definition only uses earlier ones: one pass from the last finds them all.)"""
-    starts = [m.start() for m in _DEFINITION.finditer(_LIB)]
-    pieces = [_LIB[a:b] for a, b in zip(starts, [*starts[1:], len(_LIB)], strict=True)]
     used = set(re.findall(r"\w+", body))
     kept = []
-    for piece in reversed(pieces):
-        name = _DEFINITION.match(piece).group(1)  # type: ignore[union-attr]
+    for name, piece in reversed(_PIECES):
         if name in used:
             kept.append(piece)
             used.update(re.findall(r"\w+", piece))
