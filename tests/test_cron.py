@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
@@ -151,7 +153,12 @@ def test_one_job_per_tick_with_three_workers_and_across_restarts(kickq, worker_p
     assert last_run % 2 == 0
 
     # the schedule lives in Redis: stop every worker, start a new one, jobs keep coming
+    # (a warm shutdown, SIGTERM to the main process: a job running then finishes its run, where a
+    # SIGTERM to the whole process group could kill it into a ghost run, re-run only much later)
     for worker in workers:
+        os.kill(worker.proc.pid, signal.SIGTERM)
+    for worker in workers:
+        worker.proc.wait(30)
         worker.stop()
     before = kickq.stats("record").total.created
     restarted = worker_process(concurrency=1)
