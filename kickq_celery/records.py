@@ -41,6 +41,17 @@ class Run:
                    float(raw["duration"]), raw["state"], raw.get("error"), raw.get("traceback"))
 
 
+def runs_of(raw: dict[str, str]) -> list[Run]:
+    """The runs of a record's hash. A job whose one run succeeded keeps no runs JSON (it would
+    make the hash a full hashtable): that run is its start and its process time."""
+    if "runs" in raw:
+        return [Run.from_dict(run) for run in json.loads(raw["runs"])]
+    if raw["state"] == "success" and raw.get("started_at"):
+        return [Run(1, from_timestamp(raw["started_at"]), float(raw.get("total_process_time") or 0),
+                    "success")]
+    return []
+
+
 @dataclass
 class Job:
     """A job: what ``create()`` returns, and what a handler receives.
@@ -123,7 +134,7 @@ class JobRecord:
             result=json.loads(result) if result else None,
             last_error=raw.get("last_error") or None,
             total_process_time=float(raw.get("total_process_time") or 0),
-            runs=[Run.from_dict(run) for run in json.loads(raw.get("runs") or "[]")],
+            runs=runs_of(raw),
             progress=json.loads(raw["progress"]) if raw.get("progress") else None,
             priority=int(raw.get("priority") or 0),
             concurrency_key=raw.get("ckey") or None,

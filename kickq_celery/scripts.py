@@ -7,6 +7,7 @@ later) shares one definition of each transition.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
@@ -48,9 +49,29 @@ def with_lib(body: str) -> str:
 REPLAYED = ("delete", "reap", "promote", "tick", "limit")
 NAMES = ("create", "start", "finish", "reap", "heartbeat", "delete", "promote", "unpark", "tick",
          "overdue", "limit", "progress", "turn")
-#: Each script with the shared helpers it uses (lua/lib.lua) before it.
-SOURCES = {name: with_lib(resources.files(__package__).joinpath(f"lua/{name}.lua").read_text())
-           for name in NAMES}
+_BODIES = {name: resources.files(__package__).joinpath(f"lua/{name}.lua").read_text() for name in NAMES}
+#: Each script with the shared helpers it uses (lua/lib.lua) before it: what EVALSHA runs.
+SOURCES = {name: with_lib(body) for name, body in _BODIES.items()}
+
+
+def _library() -> tuple[str, dict[str, str]]:
+    """The scripts as one Redis 7 function library: lib.lua is run once, when the library is
+    loaded, not at every call as a script's copy is. Its name and the functions' carry a digest of
+    the sources, so that versions of kickq sharing a Redis each call their own. Each function sets
+    the KEYS, ARGV and P the helpers read (upvalues: a library has no such globals), then runs
+    its script's body. Returns the library's text and the function of each script."""
+    lib = _LIB.replace("local P = KEYS[1]\n", "local KEYS, ARGV, P\n", 1)
+    assert lib != _LIB, "lib.lua defines P from KEYS[1]"
+    digest = hashlib.sha1((lib + "".join(_BODIES.values())).encode()).hexdigest()[:16]
+    functions = {name: f"kickq_{digest}_{name}" for name in NAMES}
+    registered = "".join(
+        f"redis.register_function('{functions[name]}', function(keys, args)\n"
+        f"KEYS, ARGV, P = keys, args, keys[1]\n{body}\nend)\n" for name, body in _BODIES.items())
+    return f"#!lua name=kickq_{digest}\n{lib}\n{registered}", functions
+
+
+#: what FUNCTION LOAD takes, and the name FCALL calls each script by (see store.py)
+LIBRARY, FUNCTIONS = _library()
 
 
 def call_id() -> str:

@@ -7,6 +7,7 @@ so concurrent workers, promoters and reapers never see or leave half a transitio
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -25,6 +26,7 @@ from .records import JobRecord
 from .scripts import CREATE_CHUNK, CREATE_HEADER, Call, Claimed, Deleted, Ended, Started, text
 
 T = TypeVar("T")
+logger = logging.getLogger("kickq_celery")
 
 
 #: the calls whose writes ``wait_replicas`` waits for (the others are replayed or recomputed)
@@ -52,6 +54,19 @@ class _Store:
         self.wait_ms = max(1, int(timeout * 500))
         self._scripts = {name: client.register_script(src) for name, src in scripts.SOURCES.items()}
         self.shas = {name: script.sha for name, script in self._scripts.items()}
+        #: call the scripts as Redis 7 functions (FCALL), until Redis turns FUNCTION LOAD down
+        #: (an older server, or a user not allowed it): then by EVALSHA
+        self.use_functions = True
+
+    def fcall_args(self, call: Call[Any]) -> tuple[Any, ...]:
+        keys = (self.keys.prefix, *call.keys)
+        return (scripts.FUNCTIONS[call.script], len(keys), *keys, *call.args)
+
+    def functions_refused(self, exc: redis.ResponseError) -> None:
+        """FUNCTION LOAD failed: from now on the scripts go by EVALSHA."""
+        logger.info("kickq: Redis at %s takes no functions (%s): scripts are sent by EVALSHA",
+                    masked_url(self.client), exc)
+        self.use_functions = False
 
     def check_replicated(self, acked: int) -> None:
         """Raise RedisUnavailable when fewer than ``wait_replicas`` replicas acknowledged a write."""
@@ -59,6 +74,17 @@ class _Store:
             raise RedisUnavailable(
                 f"kickq's write reached {acked} of the {self.wait_replicas} replicas it waits for "
                 f"(redis_wait_replicas) at {masked_url(self.client)} within {self.wait_ms} ms")
+
+
+def scripts_missing(exc: BaseException) -> bool:
+    """Whether a call failed only for want of kickq's functions or scripts in Redis (restarted
+    without them, flushed, or older than Redis 7 for FCALL): nothing ran, so once they are
+    loaded the call can be sent again."""
+    if isinstance(exc, redis.exceptions.NoScriptError):
+        return True
+    message = str(exc)
+    return isinstance(exc, redis.ResponseError) and (
+        message.startswith("Function not found") or message.lower().startswith("unknown command"))
 
 
 class JobStore(_Store):
@@ -95,7 +121,32 @@ class JobStore(_Store):
         if self.wait_replicas and call.script in REPLICATED:
             return self.pipelined(call)
         with redis_errors(self.client):
-            return call.parse(self._scripts[call.script](keys=[self.keys.prefix, *call.keys], args=call.args))
+            return call.parse(self._call(call))
+
+    def _call(self, call: Call[Any]) -> Any:
+        """The reply of one script call: by FCALL, its function loaded first should Redis lack
+        it; by EVALSHA where Redis takes no functions (redis-py loads a missing script)."""
+        if self.use_functions:
+            try:
+                return self.client.fcall(*self.fcall_args(call))
+            except redis.ResponseError as exc:
+                if not scripts_missing(exc):
+                    raise
+                self.load()
+            if self.use_functions:
+                return self.client.fcall(*self.fcall_args(call))
+        return self._scripts[call.script](keys=[self.keys.prefix, *call.keys], args=call.args)
+
+    def load(self) -> None:
+        """Load the library of functions into Redis, or where Redis takes none, the scripts."""
+        if self.use_functions:
+            try:
+                self.client.function_load(scripts.LIBRARY, replace=True)
+                return
+            except redis.ResponseError as exc:
+                self.functions_refused(exc)
+        for script in self._scripts.values():
+            self.client.script_load(script.script)
 
     def pipelined(self, call: Call[T]) -> T:
         """Send ``call`` in a pipeline, followed on the same connection by WAIT when
@@ -112,9 +163,9 @@ class JobStore(_Store):
         return self._pipelined(calls)
 
     def _pipelined(self, calls: Sequence[Call[Any]]) -> list[Any]:
-        """The calls in a pipeline, each script by its SHA (no SCRIPT EXISTS round trip first);
-        should Redis have lost them, the scripts are loaded and the calls sent again (each call
-        sent again changes nothing it did: see ``replayed`` in lua/lib.lua)."""
+        """The calls in a pipeline, each by its function's name or its script's SHA (no SCRIPT
+        EXISTS round trip first); should Redis lack them, they are loaded and the calls sent
+        again (each call sent again changes nothing it did: see ``replayed`` in lua/lib.lua)."""
         for again in (False, True):
             pipe = self.client.pipeline(transaction=False)
             ends = []
@@ -126,12 +177,11 @@ class JobStore(_Store):
             try:
                 return [parse_pipelined(self, call, replies[start:end])
                         for call, start, end in zip(calls, [0, *ends], ends, strict=False)]
-            except redis.exceptions.NoScriptError:
-                if again:
+            except redis.ResponseError as exc:
+                if again or not scripts_missing(exc):
                     raise
                 with redis_errors(self.client):
-                    for script in self._scripts.values():
-                        self.client.script_load(script.script)
+                    self.load()
         raise AssertionError("unreachable")
 
     # --- transitions -------------------------------------------------------
@@ -290,7 +340,10 @@ class JobStore(_Store):
 
 def queue_pipelined(store: _Store, call: Call[Any], pipe: Any) -> None:
     """Queue what :meth:`JobStore.pipelined` sends (on a sync or an asyncio pipeline)."""
-    pipe.evalsha(store.shas[call.script], 1 + len(call.keys), store.keys.prefix, *call.keys, *call.args)
+    if store.use_functions:
+        pipe.fcall(*store.fcall_args(call))
+    else:
+        pipe.evalsha(store.shas[call.script], 1 + len(call.keys), store.keys.prefix, *call.keys, *call.args)
     if store.wait_replicas and call.script in REPLICATED:
         pipe.execute_command("WAIT", store.wait_replicas, store.wait_ms)
 
@@ -438,8 +491,31 @@ class AsyncJobStore(_Store):
             await self._flush([(call, [future])])
             return future.result()
         with redis_errors(self.client):
-            reply = await self._scripts[call.script](keys=[self.keys.prefix, *call.keys], args=call.args)
-        return call.parse(reply)
+            return call.parse(await self._call(call))
+
+    async def _call(self, call: Call[Any]) -> Any:
+        """The reply of one script call (see :meth:`JobStore._send`)."""
+        if self.use_functions:
+            try:
+                return await self.client.fcall(*self.fcall_args(call))
+            except redis.ResponseError as exc:
+                if not scripts_missing(exc):
+                    raise
+                await self.load()
+            if self.use_functions:
+                return await self.client.fcall(*self.fcall_args(call))
+        return await self._scripts[call.script](keys=[self.keys.prefix, *call.keys], args=call.args)
+
+    async def load(self) -> None:
+        """Load the library of functions into Redis, or where Redis takes none, the scripts."""
+        if self.use_functions:
+            try:
+                await self.client.function_load(scripts.LIBRARY, replace=True)
+                return
+            except redis.ResponseError as exc:
+                self.functions_refused(exc)
+        for script in self._scripts.values():
+            await self.client.script_load(script.script)
 
     async def _drain(self) -> None:
         try:
@@ -456,8 +532,7 @@ class AsyncJobStore(_Store):
             for call, futures in batch:
                 try:
                     with redis_errors(self.client):
-                        reply = await self._scripts[call.script](keys=[self.keys.prefix, *call.keys],
-                                                                 args=call.args)
+                        reply = await self._call(call)
                     settle_all(futures, call.parse(reply))
                 except Exception as exc:
                     settle_all(futures, error=exc)
@@ -474,27 +549,24 @@ class AsyncJobStore(_Store):
             for _, futures in batch:
                 settle_all(futures, error=exc)
             return
-        lost_scripts = []
+        lost: Batch = []
         for (call, futures), start, end in zip(batch, [0, *ends], ends, strict=False):
             try:
                 settle_all(futures, parse_pipelined(self, call, replies[start:end]))
-            except redis.exceptions.NoScriptError as exc:
-                if again:
+            except Exception as exc:
+                if again or not scripts_missing(exc):
                     settle_all(futures, error=exc)
                 else:
-                    lost_scripts.append((call, futures))
-            except Exception as exc:
-                settle_all(futures, error=exc)
-        if lost_scripts:  # Redis lost the scripts (a restart): load them, send those calls again
+                    lost.append((call, futures))
+        if lost:  # Redis lacks the functions (a restart, an older server): load, send those again
             try:
                 with redis_errors(self.client):
-                    for script in self._scripts.values():
-                        await self.client.script_load(script.script)
+                    await self.load()
             except Exception as exc:
-                for _, futures in lost_scripts:
+                for _, futures in lost:
                     settle_all(futures, error=exc)
                 return
-            await self._flush(lost_scripts, again=True)
+            await self._flush(lost, again=True)
 
     async def now(self) -> float:
         if isinstance(self.client, redis.asyncio.cluster.RedisCluster):

@@ -11,6 +11,7 @@ Both are context managers; :meth:`close` stops and joins every thread they start
 
 from __future__ import annotations
 
+import hashlib
 import select
 import socket
 import threading
@@ -18,9 +19,25 @@ import time
 from collections.abc import Callable
 from types import TracebackType
 
+from kickq_celery.scripts import FUNCTIONS, SOURCES
+
 HOST = "127.0.0.1"
 POLL = 0.05  # how often the threads look at the stop flag
 IO_TIMEOUT = 5.0  # bound on a blocking send to a peer that does not read
+#: the errors of a script call that Redis lacks the functions or scripts for: nothing ran
+LOST_SCRIPTS = (b"-NOSCRIPT", b"-ERR Function not found", b"-ERR unknown command")
+
+
+def script_call(script: str | None = None) -> Callable[[bytes], bool]:
+    """Matches a request that calls kickq's ``script`` (any of them: None), alone or in a
+    pipeline: its FCALL (Redis 7 functions) or its EVALSHA, not the FUNCTION LOAD or SCRIPT
+    EXISTS that names it too."""
+    if script is None:
+        return lambda data: b"$5\r\nFCALL\r\n" in data.upper() or b"$7\r\nEVALSHA\r\n" in data.upper()
+    function = FUNCTIONS[script].encode()
+    sha = hashlib.sha1(SOURCES[script].encode()).hexdigest().encode()
+    return lambda data: ((b"$5\r\nFCALL\r\n" in data.upper() and function in data)
+                         or (b"$7\r\nEVALSHA\r\n" in data.upper() and sha in data))
 
 
 def _value_end(buf: bytes, pos: int) -> int | None:
@@ -205,9 +222,10 @@ class FaultProxy(_Listener):
     def drop_reply_once(self, predicate: Callable[[bytes], bool]) -> None:
         """Arm: the next request whose raw RESP bytes satisfy `predicate` goes to Redis; the
         proxy waits for Redis's complete reply (at most `reply_timeout`), throws it away and
-        closes that connection. A ``-NOSCRIPT`` reply is passed on and the proxy stays armed,
-        so redis-py's SCRIPT LOAD and second EVALSHA go through and that EVALSHA is the one
-        dropped. Example: ``lambda d: b"EVALSHA" in d.upper()``."""
+        closes that connection. A reply that Redis lacks the script or function
+        (:data:`LOST_SCRIPTS`) is passed on and the proxy stays armed, so the loading and the
+        call sent again go through and that call is the one dropped. Example:
+        ``script_call("create")``."""
         with self._lock:
             self._predicate = predicate
 
@@ -278,7 +296,7 @@ class FaultProxy(_Listener):
                 if predicate is None:
                     continue
                 reply = self._read_replies(upstream, commands)
-                if reply.startswith(b"-NOSCRIPT") or b"\r\n-NOSCRIPT" in reply:
+                if any(reply.startswith(lost) or b"\r\n" + lost in reply for lost in LOST_SCRIPTS):
                     client.sendall(reply)
                     self.drop_reply_once(predicate)
                     continue

@@ -12,7 +12,7 @@ import pytest
 
 from kickq_celery import InvalidJobData, InvalidJobOptions, JobDeleted, JobNotFound, Kickq, RedisUnavailable
 from kickq_celery.testing import make_app, purge_namespace, wait_for
-from tests.faultproxy import FaultProxy, SilentServer
+from tests.faultproxy import FaultProxy, SilentServer, script_call
 from tests.test_guard import snapshot
 
 
@@ -132,7 +132,7 @@ def test_a_dropped_reply_of_acreate_writes_the_job_once(kickq_redis_url: str, ki
         kq = Kickq(app, redis=proxy.url, redis_namespace=kickq_namespace)
         try:
             run(kq.acreate("warm", 0))  # scripts loaded, connections made
-            proxy.drop_reply_once(lambda data: b"EVALSHA" in data.upper())
+            proxy.drop_reply_once(script_call())
             job = run(kq.acreate("once", {"n": 1}))
             assert proxy.dropped == 1
             assert kq.get(job.id).data == {"n": 1}

@@ -194,6 +194,11 @@ def test_get_after_success_and_failure(kickq, kickq_worker):
             assert stamp is not None and stamp.utcoffset() == timedelta(0)
         assert record.created_at <= run.started_at <= record.finished_at
     assert failed.runs[0].error == "RuntimeError: boom" and good.runs[0].error is None
+    # a job's one successful run is read from its start and process time: no runs JSON, whose
+    # size would turn the record from a listpack into a hashtable
+    assert not kickq.redis.hexists(kickq.keys.job(ok.id), "runs")
+    assert kickq.redis.object("encoding", kickq.keys.job(ok.id)) == b"listpack"
+    assert kickq.redis.hexists(kickq.keys.job(bad.id), "runs")
 
 
 # --- delays --------------------------------------------------------------------------------

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -34,18 +33,11 @@ from kickq_celery.records import JobRecord
 from kickq_celery.scripts import SOURCES, text
 from kickq_celery.testing import make_app, purge_namespace, wait_for, worker
 from kickq_celery.worker import loops
-from tests.faultproxy import FaultProxy, SilentServer
+from tests.faultproxy import FaultProxy, SilentServer, script_call
 
 REDIS_TIMEOUT = 0.5
 #: a connect on 127.0.0.1 and the scheduling of the threads involved
 SLACK = 0.2
-
-
-def evalsha_of(script: str) -> Callable[[bytes], bool]:
-    """Matches the request that carries an EVALSHA of ``script`` (alone or in a MULTI), not
-    the SCRIPT EXISTS a pipeline sends first (it names the sha too, without EVALSHA)."""
-    sha = hashlib.sha1(SOURCES[script].encode()).hexdigest().encode()
-    return lambda data: b"EVALSHA" in data.upper() and sha in data
 
 
 def url_via(port: int, redis_url: str) -> str:
@@ -102,7 +94,7 @@ class Fault:
 
     def arm(self, script: str) -> None:
         if self.active:
-            self.proxy.drop_reply_once(evalsha_of(script))
+            self.proxy.drop_reply_once(script_call(script))
 
 
 # --- what a scenario leaves in Redis, without ids and times -------------------------------
@@ -388,10 +380,10 @@ def test_a_create_whose_reply_was_lost_runs_once(proxied: Proxied) -> None:
         return job.data
 
     with worker(proxied.app, concurrency=4):
-        proxied.proxy.drop_reply_once(evalsha_of("create"))
+        proxied.proxy.drop_reply_once(script_call("create"))
         job = kq.create("once", 1)
         assert job is not None and proxied.proxy.dropped == 1
-        proxied.proxy.drop_reply_once(evalsha_of("create"))
+        proxied.proxy.drop_reply_once(script_call("create"))
         ids = [job.id] + [j.id for j in kq.create_many("once", [2, 3, 4])]
         assert proxied.proxy.dropped == 2
         wait_for(lambda: kq.stats("once").total.succeeded == 4, 20, 0.05, "the 4 jobs to succeed")
@@ -496,10 +488,10 @@ def test_worker_loops_survive_a_stalled_redis(stalled: Proxied, caplog: pytest.L
 
 
 def held_back(proxied: Proxied, kq: Kickq, script: str, call: Callable[[], Any]) -> None:
-    """Make ``call`` while the proxy forwards nothing: its EVALSHA of ``script`` times out
+    """Make ``call`` while the proxy forwards nothing: its call of ``script`` times out
     (RedisUnavailable within 2 x redis_timeout, not retried). At resume() the proxy hands the
     held-back request to Redis, which applies it though its caller gave up."""
-    kq.redis.script_load(SOURCES[script])  # else the held-back EVALSHA would meet NOSCRIPT
+    kq.store.load()  # else the held-back call would find no function (or script) to run
     proxied.proxy.pause()
     started = time.monotonic()
     try:

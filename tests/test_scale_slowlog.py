@@ -32,7 +32,7 @@ SLOWER_THAN_US = 5000
 
 def slow_scripts(r) -> list[dict]:  # type: ignore[no-untyped-def]
     return [entry for entry in r.slowlog_get(1000)
-            if entry["command"].split(b" ", 1)[0].upper() in (b"EVALSHA", b"EVAL")]
+            if entry["command"].split(b" ", 1)[0].upper() in (b"FCALL", b"EVALSHA", b"EVAL")]
 
 
 def scenario(server: RedisServer, r: redis.Redis, namespace: str) -> list[dict]:  # type: ignore[type-arg]

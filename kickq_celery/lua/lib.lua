@@ -280,14 +280,7 @@ local function end_run(id, outcome, payload, t, ts, purge, token, tb)
   local name = f[1]
   local duration = math.max(0, t - tonumber(f[4]))
   local took = fmt(duration)
-  -- the run appended to the runs JSON as text: decoding and encoding the list costs more
   local earlier = (not f[3] or f[3] == '[]') and 0 or #cjson.decode(f[3])
-  local number = earlier == 0 and '1' or tostring(earlier + 1)
-  local run = '{"number":' .. number .. ',"started_at":' .. f[4] .. ',"duration":'
-    .. took .. ',"state":"' .. outcome .. '"'
-  if outcome ~= 'success' then run = run .. ',"error":' .. cjson.encode(payload) end
-  if tb and tb ~= '' then run = run .. ',"traceback":' .. cjson.encode(tb) end
-  local runs = (earlier == 0 and '[' or string.sub(f[3], 1, -2) .. ',') .. run .. '}]'
   redis.call('ZREM', P .. 'active', id)
   local released = false
   -- (a run that took no max_jobs_num slot says so: see start_run)
@@ -307,10 +300,21 @@ local function end_run(id, outcome, payload, t, ts, purge, token, tb)
   local waited = earlier == 0 and f[13] and tonumber(f[4]) - tonumber(f[13]) or nil
   local stats = P .. 'stats:' .. name
   local verdict, due = outcome, nil
-  local fields = {'runs', runs, 'updated_at', ts,
-    'total_process_time', f[6] and fmt(tonumber(f[6]) + duration) or took}
+  local fields = {'updated_at', ts, 'total_process_time', f[6] and fmt(tonumber(f[6]) + duration) or took}
   local function add(...)
     for _, v in ipairs({...}) do fields[#fields + 1] = v end
+  end
+  -- A job's one run, a success, is not written: readers take it from started_at and
+  -- total_process_time (records.py). Its JSON would be the record's only value past 64 bytes,
+  -- which turns the hash from a compact listpack into a hashtable (more memory, and a
+  -- conversion on every finish).
+  if earlier > 0 or outcome ~= 'success' then
+    -- the run appended to the runs JSON as text: decoding and encoding the list costs more
+    local run = '{"number":' .. tostring(earlier + 1) .. ',"started_at":' .. f[4] .. ',"duration":'
+      .. took .. ',"state":"' .. outcome .. '"'
+    if outcome ~= 'success' then run = run .. ',"error":' .. cjson.encode(payload) end
+    if tb and tb ~= '' then run = run .. ',"traceback":' .. cjson.encode(tb) end
+    add('runs', (earlier == 0 and '[' or string.sub(f[3], 1, -2) .. ',') .. run .. '}]')
   end
   -- a run that ends without its caller (reaped) drops the token: a late finish is stale
   if not token then add('token', '') end
