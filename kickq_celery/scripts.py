@@ -262,9 +262,9 @@ def create(name: str, flags_json: str, process_timeout: float | None, tombstone:
     return Call("create", (*header, *items), Created.parse, (queue,))
 
 
-def start(job_id: str, attempt: int, token: str, lock_timeout: float, chunked: bool = False) -> Call[Started]:
-    """Start a run if the guard lets it; ``chunked``: one of a chunk's jobs (held ahead by it)."""
-    return Call("start", (job_id, attempt, token, lock_timeout, "1" if chunked else ""), Started.parse)
+def start(job_id: str, attempt: int, token: str, lock_timeout: float) -> Call[Started]:
+    """Start a run if the guard lets it."""
+    return Call("start", (job_id, attempt, token, lock_timeout), Started.parse)
 
 
 def finish(job_id: str, token: str, outcome: str, payload: str, purge: float,

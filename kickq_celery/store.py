@@ -186,9 +186,8 @@ class JobStore(_Store):
 
     # --- transitions -------------------------------------------------------
 
-    def start_run(self, job_id: str, attempt: int, token: str, lock_timeout: float,
-                  chunked: bool = False) -> Started:
-        return self.run(scripts.start(job_id, attempt, token, lock_timeout, chunked))
+    def start_run(self, job_id: str, attempt: int, token: str, lock_timeout: float) -> Started:
+        return self.run(scripts.start(job_id, attempt, token, lock_timeout))
 
     def finish_run(self, job_id: str, token: str, outcome: str, payload: str, purge: float,
                    traceback: str = "") -> Ended:

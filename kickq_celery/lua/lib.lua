@@ -383,8 +383,9 @@ local function end_run(id, outcome, payload, t, ts, purge, token, tb)
 end
 
 -- The run guard (see start.lua): start a run of job `id` at `attempt` with `token`, if it may;
--- `ahead`: the job may be held ahead by its chunk (see heartbeat.lua), which its start releases.
-local function start_run(id, attempt, token, lock_timeout, ahead)
+-- `t, ts`: now() when the caller has it (else read here). (A job its chunk held ahead stays in
+-- `ahead` until that hold expires: started, it is no longer a candidate of the sweep.)
+local function start_run(id, attempt, token, lock_timeout, t, ts)
   local key = P .. 'job:' .. id
   local f = redis.call('HMGET', key, 'name', 'state', 'attempt', 'deleted', 'ptimeout',
     'created_at', 'started_at', 'scheduled_for', 'token', 'data', 'runs', 'priority', 'ckey')
@@ -397,7 +398,7 @@ local function start_run(id, attempt, token, lock_timeout, ahead)
   -- a message for a deleted, finished, running or superseded attempt is a duplicate
   if f[4] == '1' or f[3] ~= attempt or not waiting(f[2]) then return {'skip', f[2]} end
   local name = f[1]
-  local t, ts = now()
+  if not t then t, ts = now() end
   -- no run before the job is due: a message's ETA comes from its publisher's clock, read before
   -- the record got its time (or on another machine). A moment early, the caller waits; far too
   -- early, the job is parked for a promoter to publish again.
@@ -456,14 +457,13 @@ local function start_run(id, attempt, token, lock_timeout, ahead)
     redis.call('ZREM', kwait, id)
   end
   move(id, name, f[2], 'processing', ts)
-  if ahead then redis.call('ZREM', P .. 'ahead', id) end  -- (reached by its chunk)
   return {'run', f[10], f[11], f[6], ts, f[5] or ''}
 end
 
--- End the run of job `id` that `token` holds (see finish.lua).
-local function finish_run(id, token, outcome, payload, purge, tb)
+-- End the run of job `id` that `token` holds (see finish.lua); `t, ts`: now(), or nil.
+local function finish_run(id, token, outcome, payload, purge, tb, t, ts)
   local key = P .. 'job:' .. id
-  local t, ts = now()
+  if not t then t, ts = now() end
   local r = end_run(id, outcome, payload, t, ts, purge, token, tb)
   if not r then
     -- our own call again (redis-py re-sends a command whose reply a dropped connection lost):

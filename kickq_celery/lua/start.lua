@@ -3,8 +3,7 @@
 -- rate_limit window. A job held by a limit waits in Redis (waiting:<name> for a slot or the
 -- window, keywait:... for its key) in priority order, for the end of a run or the window's
 -- opening to release it (see release() in lib.lua and promote.lua).
--- KEYS[1]: the namespace prefix. ARGV: id, attempt (from the message), token, lock_timeout,
---   ahead ('1': one of a chunk's jobs, which its chunk may hold ahead; '' = not)
+-- KEYS[1]: the namespace prefix. ARGV: id, attempt (from the message), token, lock_timeout
 -- Returns {'run', data, runs, created_at, started_at, process_timeout ('' = none)} | {'gone'}
 --   | {'skip', state} | {'wait'} | {'early', seconds_until_due}
-return start_run(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1')
+return start_run(ARGV[1], ARGV[2], ARGV[3], ARGV[4])
