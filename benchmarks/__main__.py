@@ -13,6 +13,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -54,19 +55,25 @@ def celery_worker(env: dict[str, str], concurrency: int = 2,
            "--without-gossip", "--without-heartbeat"]
     if queues:
         cmd += ["-Q", queues]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        main = psutil.Process(proc.pid)
-        deadline = time.monotonic() + 60
-        while len(main.children()) < concurrency:  # pool children forked: ready enough
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"worker did not start: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.1)
-        time.sleep(1.0)  # let it connect and start consuming
-        yield main
-    finally:
-        stop_process_group(proc, 30)
+    # its log in a file (a pipe nobody reads would stall a worker that logs much), shown on failure
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            main = psutil.Process(proc.pid)
+            deadline = time.monotonic() + 60
+            while len(main.children()) < concurrency:  # pool children forked: ready enough
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("worker did not start")
+                time.sleep(0.1)
+            time.sleep(1.0)  # let it connect and start consuming
+            yield main
+        except BaseException:
+            log.seek(0)
+            print(f"--- the worker's log ---\n{log.read().decode(errors='replace')[-4000:]}", file=sys.stderr)
+            raise
+        finally:
+            stop_process_group(proc, 30)
 
 
 def rss_mb(process: psutil.Process) -> float:
@@ -375,15 +382,20 @@ def main() -> None:
         for name, run in (
             ("create", lambda: bench_create(counts["create"], client, namespace)),
             ("create_many", lambda: bench_create_many(counts["create_many"], client, namespace)),
+            # The waits for outcomes come before the tens of thousands of raw Celery tasks that
+            # processing sends with stored results: Celery subscribes this process to each one's
+            # result channel (and unsubscribes as its AsyncResult goes), and its result consumer
+            # then reads the backlog of those replies one per poll; a wait after them timed out
+            # in two full runs (raw Celery's and kickq's, which waits on Celery's backend too).
+            ("tombstone", lambda: bench_tombstone(counts["tombstone"], env)),
+            ("await", lambda: bench_await(counts["tombstone"], env, celery_worker)),
             ("processing", lambda: bench_processing(counts["processing"], env, client)),
             ("limits", lambda: bench_limits(counts["processing"], env, client)),
             ("chunks", lambda: bench_chunks(counts["processing"], env, client)),
-            ("tombstone", lambda: bench_tombstone(counts["tombstone"], env)),
             ("memory", lambda: bench_memory(counts["memory"], env, client)),
             ("redis_memory", lambda: measure_scale(counts["memory"])),
             ("wait_replicas", lambda: bench_wait_replicas(counts["create"])),
             ("acreate", lambda: bench_acreate(counts["create"])),
-            ("await", lambda: bench_await(counts["tombstone"], env, celery_worker)),
         ):
             if args.only and name not in args.only:
                 continue
